@@ -1,0 +1,305 @@
+"""Datasets from a spec string, validated, with a fingerprint of the training data.
+
+Specs (options after a colon, comma separated ``key=value``):
+
+- ``fashion_mnist[:n_train=N,n_test=M]`` -- IDX files of Debian's ``dataset-fashion-mnist``
+  (``/usr/share/datasets/fashion-mnist``, or ``$MINI_UNLEARN_FASHION_MNIST_DIR``), pixels
+  scaled to [0, 1]; ``n_train``/``n_test`` keep the first N/M examples.
+- ``digits``, ``breast_cancer`` -- scikit-learn's bundled sets, a fixed 75/25 stratified split
+  (seed 0); digits scaled to [0, 1], breast cancer standardized with training statistics.
+- ``npz:PATH`` -- arrays ``x_train, y_train, x_test, y_test`` used exactly as given.
+- ``synthetic[:n=N,n_test=M,d=D,classes=C,seed=S,sep=F]`` -- seeded Gaussian classes.
+- ``tfds:NAME[:TRAIN_SPLIT[;TEST_SPLIT]]`` -- tensorflow-datasets (``mnist``, ``fashion_mnist``,
+  ``higgs``, ...); needs the dataset prepared locally or a network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+class DataError(ValueError):
+    """A dataset spec or file that cannot be used; the message says why and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    spec: str
+
+    @property
+    def n_train(self) -> int:
+        return int(self.x_train.shape[0])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.x_train, self.y_train)
+
+
+def fingerprint(x: np.ndarray, y: np.ndarray) -> str:
+    """SHA-256 over the training arrays' dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for a in (np.ascontiguousarray(x), np.ascontiguousarray(y)):
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _parse_options(text: str, allowed: dict[str, type], spec: str) -> dict:
+    out = {}
+    if not text:
+        return out
+    for item in text.split(","):
+        if "=" not in item:
+            raise DataError(f"bad option {item!r} in data spec {spec!r}: write key=value ({', '.join(allowed)})")
+        k, v = item.split("=", 1)
+        k = k.strip()
+        if k not in allowed:
+            raise DataError(f"unknown option {k!r} in data spec {spec!r}: allowed are {', '.join(allowed)}")
+        try:
+            out[k] = allowed[k](v)
+        except ValueError as e:
+            raise DataError(f"option {k}={v!r} in data spec {spec!r} is not a valid {allowed[k].__name__}") from e
+    return out
+
+
+def validate(x_train, y_train, x_test, y_test, spec: str, num_classes: int | None = None) -> Dataset:
+    """Check shapes, labels and finiteness; return a float32/int32 :class:`Dataset`."""
+    arrays = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+    for name, a in arrays.items():
+        if not isinstance(a, np.ndarray):
+            raise DataError(f"{spec}: {name} is not an array")
+        if a.dtype == object:
+            raise DataError(f"{spec}: {name} has dtype object; store plain numeric arrays")
+    if x_train.ndim < 2 or x_test.ndim < 2:
+        raise DataError(f"{spec}: x_train and x_test need shape [n, features...], got {x_train.shape} and {x_test.shape}")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(f"{spec}: x_train feature shape {x_train.shape[1:]} differs from x_test's {x_test.shape[1:]}")
+    for xs, ys, split in ((x_train, y_train, "train"), (x_test, y_test, "test")):
+        if ys.ndim != 1 or ys.shape[0] != xs.shape[0]:
+            raise DataError(f"{spec}: y_{split} must have shape [{xs.shape[0]}] to match x_{split}, got {ys.shape}")
+        if xs.shape[0] == 0:
+            raise DataError(f"{spec}: the {split} split is empty")
+        if not np.issubdtype(xs.dtype, np.number) and xs.dtype != bool:
+            raise DataError(f"{spec}: x_{split} must be numeric, got dtype {xs.dtype}")
+        if not np.all(np.isfinite(xs)):
+            bad = int(np.sum(~np.isfinite(xs)))
+            raise DataError(f"{spec}: x_{split} holds {bad} NaN/inf values; clean or impute them first")
+        if np.issubdtype(ys.dtype, np.floating):
+            if not np.all(np.isfinite(ys)) or np.any(ys != np.round(ys)):
+                raise DataError(f"{spec}: y_{split} must hold integer class labels, found non-integers")
+        elif not np.issubdtype(ys.dtype, np.integer):
+            raise DataError(f"{spec}: y_{split} must hold integer class labels, got dtype {ys.dtype}")
+    y_train = y_train.astype(np.int64)
+    y_test = y_test.astype(np.int64)
+    top = int(max(y_train.max(), y_test.max()))
+    if num_classes is None:
+        num_classes = max(top + 1, 2)
+    lo = int(min(y_train.min(), y_test.min()))
+    if lo < 0 or top >= num_classes:
+        raise DataError(f"{spec}: labels must lie in [0, {num_classes}), found range [{lo}, {top}]")
+    return Dataset(
+        x_train=np.asarray(x_train, np.float32),
+        y_train=y_train.astype(np.int32),
+        x_test=np.asarray(x_test, np.float32),
+        y_test=y_test.astype(np.int32),
+        num_classes=int(num_classes),
+        spec=spec,
+    )
+
+
+# -- Fashion-MNIST from IDX files ----------------------------------------------------------
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (optionally gzip-compressed) into a numpy array."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(
+            f"{path} not found: install Debian's package with `apt-get install dataset-fashion-mnist`, "
+            "or point MINI_UNLEARN_FASHION_MNIST_DIR at a folder with the IDX files"
+        )
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+        zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+        if zero != 0 or dtype_code != 0x08:
+            raise DataError(f"{path} is not an unsigned-byte IDX file (magic {raw[:4].hex()})")
+        dims = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
+        data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+        if data.size != int(np.prod(dims)):
+            raise DataError(f"{path} is truncated: header says {dims}, found {data.size} values")
+        return data.reshape(dims)
+    except (OSError, EOFError, struct.error) as e:
+        raise DataError(f"{path} could not be read as an IDX file ({e}); reinstall dataset-fashion-mnist") from e
+
+
+def _fashion_mnist(opts: dict, spec: str) -> Dataset:
+    root = Path(os.environ.get("MINI_UNLEARN_FASHION_MNIST_DIR", FASHION_MNIST_DIR))
+
+    def find(stem):
+        for name in (stem + ".gz", stem):
+            if (root / name).exists():
+                return root / name
+        return root / (stem + ".gz")
+
+    x_train = read_idx(find("train-images-idx3-ubyte"))
+    y_train = read_idx(find("train-labels-idx1-ubyte"))
+    x_test = read_idx(find("t10k-images-idx3-ubyte"))
+    y_test = read_idx(find("t10k-labels-idx1-ubyte"))
+    n_train = opts.get("n_train", x_train.shape[0])
+    n_test = opts.get("n_test", x_test.shape[0])
+    if not (0 < n_train <= x_train.shape[0] and 0 < n_test <= x_test.shape[0]):
+        raise DataError(f"{spec}: n_train must be in [1, {x_train.shape[0]}] and n_test in [1, {x_test.shape[0]}]")
+    scale = np.float32(1.0 / 255.0)
+    return validate(
+        x_train[:n_train].reshape(n_train, -1).astype(np.float32) * scale,
+        y_train[:n_train],
+        x_test[:n_test].reshape(n_test, -1).astype(np.float32) * scale,
+        y_test[:n_test],
+        spec,
+        num_classes=10,
+    )
+
+
+# -- scikit-learn bundled sets -------------------------------------------------------------
+
+
+def _sklearn(name: str, spec: str) -> Dataset:
+    from sklearn import datasets as skd
+    from sklearn.model_selection import train_test_split
+
+    bunch = skd.load_digits() if name == "digits" else skd.load_breast_cancer()
+    x, y = bunch.data.astype(np.float32), bunch.target
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
+    if name == "digits":
+        x_tr, x_te = x_tr / 16.0, x_te / 16.0
+    else:
+        mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-8
+        x_tr, x_te = (x_tr - mu) / sd, (x_te - mu) / sd
+    return validate(x_tr, y_tr, x_te, y_te, spec, num_classes=int(y.max()) + 1)
+
+
+# -- .npz ----------------------------------------------------------------------------------
+
+
+def load_npz(path: str, spec: str) -> Dataset:
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{path} not found: give an .npz file with arrays x_train, y_train, x_test, y_test")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            names = set(z.files)
+            need = ["x_train", "y_train", "x_test", "y_test"]
+            missing = [k for k in need if k not in names]
+            if missing:
+                raise DataError(
+                    f"{path} lacks arrays {missing} (it has {sorted(names)}); "
+                    "save with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)"
+                )
+            arrays = {k: z[k] for k in need}
+            num_classes = int(z["num_classes"]) if "num_classes" in names else None
+    except DataError:
+        raise
+    except ValueError as e:
+        raise DataError(f"{path} holds pickled objects, which are not loaded; save plain numeric arrays ({e})") from e
+    except Exception as e:  # zipfile.BadZipFile, OSError, ...
+        raise DataError(f"{path} is not a readable .npz file ({e})") from e
+    return validate(**arrays, spec=spec, num_classes=num_classes)
+
+
+# -- synthetic -----------------------------------------------------------------------------
+
+
+def synthetic(n: int = 600, n_test: int = 200, d: int = 10, classes: int = 3, seed: int = 0, sep: float = 1.5, spec: str = "synthetic") -> Dataset:
+    """Seeded Gaussian classes: class means ``sep * N(0, I)``, unit noise."""
+    if n < 2 or n_test < 1 or d < 1 or classes < 2:
+        raise DataError(f"{spec}: need n>=2, n_test>=1, d>=1, classes>=2")
+    rng = np.random.default_rng(seed)
+    means = sep * rng.normal(size=(classes, d))
+    y = rng.integers(0, classes, size=n + n_test)
+    x = means[y] + rng.normal(size=(n + n_test, d))
+    return validate(x[:n].astype(np.float32), y[:n], x[n:].astype(np.float32), y[n:], spec, num_classes=classes)
+
+
+# -- tensorflow-datasets -------------------------------------------------------------------
+
+
+def _tfds_arrays(name: str, split: str):
+    import tensorflow_datasets as tfds
+
+    ds = tfds.load(name, split=split, shuffle_files=False)
+    xs, ys = [], []
+    for ex in tfds.as_numpy(ds.batch(4096)):
+        if "image" in ex:
+            x = ex["image"]
+        elif "features" in ex:
+            x = ex["features"]
+        else:  # e.g. HIGGS: one scalar feature per key, label under class_label
+            keys = sorted(k for k in ex if k not in ("label", "class_label"))
+            x = np.stack([np.asarray(ex[k], np.float32) for k in keys], axis=-1)
+        y = ex["label"] if "label" in ex else ex["class_label"]
+        xs.append(np.asarray(x, np.float32).reshape(len(y), -1))
+        ys.append(np.asarray(y))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _tfds(rest: str, spec: str) -> Dataset:
+    parts = rest.split(":", 1)
+    name = parts[0]
+    if not name:
+        raise DataError(f"{spec}: write tfds:NAME[:TRAIN_SPLIT[;TEST_SPLIT]], e.g. tfds:mnist")
+    splits = parts[1].split(";") if len(parts) > 1 else ["train", "test"]
+    if len(splits) == 1:
+        splits.append("test")
+    try:
+        x_tr, y_tr = _tfds_arrays(name, splits[0])
+        x_te, y_te = _tfds_arrays(name, splits[1])
+    except ImportError as e:
+        raise DataError(f"{spec}: tensorflow-datasets is not installed; pip install 'mini-unlearn-jax[tfds]'") from e
+    except Exception as e:
+        raise DataError(f"{spec}: tensorflow-datasets could not load {name!r} ({type(e).__name__}: {e}); "
+                        "prepare it with network access first (tfds build) or use another spec") from e
+    if x_tr.size and x_tr.max() > 1.5 and name in ("mnist", "fashion_mnist", "kmnist", "emnist"):
+        x_tr, x_te = x_tr / 255.0, x_te / 255.0
+    return validate(x_tr, y_tr, x_te, y_te, spec)
+
+
+def load_dataset(spec: str) -> Dataset:
+    """Load and validate a dataset from a spec string (see the module docstring)."""
+    if not isinstance(spec, str) or not spec:
+        raise DataError("empty data spec: use fashion_mnist, digits, breast_cancer, npz:PATH, synthetic or tfds:NAME")
+    if spec.startswith("npz:"):
+        return load_npz(spec[4:], spec)
+    if spec.startswith("tfds:"):
+        return _tfds(spec[5:], spec)
+    head, _, opts = spec.partition(":")
+    if head == "fashion_mnist":
+        return _fashion_mnist(_parse_options(opts, {"n_train": int, "n_test": int}, spec), spec)
+    if head in ("digits", "breast_cancer"):
+        if opts:
+            raise DataError(f"{spec}: {head} takes no options")
+        return _sklearn(head, spec)
+    if head == "synthetic":
+        o = _parse_options(opts, {"n": int, "n_test": int, "d": int, "classes": int, "seed": int, "sep": float}, spec)
+        return synthetic(**o, spec=spec)
+    raise DataError(
+        f"unknown data spec {spec!r}: use fashion_mnist, digits, breast_cancer, npz:PATH, synthetic[:...] or tfds:NAME"
+    )

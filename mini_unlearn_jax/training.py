@@ -1,0 +1,206 @@
+"""Pure, jitted training with optax and a snapshot buffer; retraining reuses the same recipe.
+
+Removing examples is expressed as a 0/1 ``weights`` vector over the training set, so a
+retrain on ``D \\ R`` runs the very same compiled program as training on ``D``: the
+same init, optimizer, number of steps and mini-batch order, with ``R`` masked out of
+every batch (a batch's loss is the mean over its kept examples).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .models import Objective
+from .snapshots import SnapshotBuffer, SnapshotState, snapshot_buffer
+
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """A training recipe.
+
+    Attributes:
+      optimizer: ``lbfgs`` (full batch; the default for convex models), ``adam`` or ``sgd``.
+      learning_rate: step size for adam/sgd (ignored by lbfgs, which line-searches).
+      steps: maximum number of optimizer steps.
+      batch_size: ``None`` for full batch, else the mini-batch size.
+      tol: full batch only -- stop once the objective's gradient norm is below ``tol``.
+      seed: seeds the init (done by the caller) and the mini-batch order.
+      snapshots: K, the snapshot buffer size.
+      snapshot_every: the buffer keeps steps ``t`` with ``t % snapshot_every == 0``.
+      chunk: steps per compiled chunk (progress is printed between chunks).
+    """
+
+    optimizer: str = "lbfgs"
+    learning_rate: float = 1e-3
+    steps: int = 1000
+    batch_size: int | None = None
+    tol: float = 1e-5
+    seed: int = 0
+    snapshots: int = 8
+    snapshot_every: int = 1
+    chunk: int = 100
+
+    def __post_init__(self):
+        if self.optimizer not in ("lbfgs", "adam", "sgd"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}: use lbfgs, adam or sgd")
+        if self.optimizer == "lbfgs" and self.batch_size is not None:
+            raise ValueError("lbfgs trains full batch: set batch_size=None or use adam/sgd")
+        if self.steps < 1 or self.snapshots < 1 or self.snapshot_every < 1 or self.chunk < 1:
+            raise ValueError("steps, snapshots, snapshot_every and chunk must be positive")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+
+
+def default_config(model: str, n_train: int, seed: int = 0) -> TrainConfig:
+    """The recipe the CLI uses: L-BFGS to convergence for logreg, Adam mini-batches for the MLP."""
+    if model == "logreg":
+        return TrainConfig(optimizer="lbfgs", steps=1000, tol=1e-5, seed=seed, snapshots=8)
+    batch = min(256, n_train)
+    epochs = 30
+    steps = epochs * max(1, -(-n_train // batch))
+    return TrainConfig(optimizer="adam", learning_rate=1e-3, steps=steps, batch_size=batch, tol=0.0,
+                       seed=seed, snapshots=8, snapshot_every=max(1, steps // 8), chunk=max(1, min(500, steps)))
+
+
+class TrainState(NamedTuple):
+    step: jax.Array
+    params: Params
+    opt_state: Any
+    snapshots: SnapshotState
+    grad_norm: jax.Array  # norm of the full objective's gradient at the last full-batch step
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    if cfg.optimizer == "lbfgs":
+        return optax.lbfgs(memory_size=20)
+    if cfg.optimizer == "adam":
+        return optax.adam(cfg.learning_rate)
+    return optax.sgd(cfg.learning_rate)
+
+
+def tree_norm(t) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(t)))
+
+
+class Trainer:
+    """Holds the compiled step functions for one (objective, recipe); pure underneath."""
+
+    def __init__(self, objective: Objective, cfg: TrainConfig):
+        self.objective = objective
+        self.cfg = cfg
+        self.opt = make_optimizer(cfg)
+        self.buffer: SnapshotBuffer = snapshot_buffer(cfg.snapshots, cfg.snapshot_every)
+        self._run_chunk = jax.jit(self._chunk, static_argnames=("length",))
+        self._full_grad = jax.jit(self.full_data_grad)
+
+    # -- pure pieces -----------------------------------------------------------------------
+    def full_data_grad(self, params, x, y, weights):
+        """Gradient of the (weighted) data term over the whole training set."""
+        return jax.grad(self.objective.data_loss)(params, x, y, weights)
+
+    def init(self, params: Params) -> TrainState:
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=self.opt.init(params),
+            snapshots=self.buffer.init(params),
+            grad_norm=jnp.asarray(jnp.inf, jnp.float32),
+        )
+
+    def step(self, state: TrainState, x, y, weights) -> TrainState:
+        """One optimizer step (pure)."""
+        obj, cfg = self.objective, self.cfg
+        if cfg.batch_size is None:
+            fn = lambda p: obj.value(p, x, y, weights)
+            if cfg.optimizer == "lbfgs":
+                value, grad = optax.value_and_grad_from_state(fn)(state.params, state=state.opt_state)
+                updates, opt_state = self.opt.update(grad, state.opt_state, state.params, value=value, grad=grad, value_fn=fn)
+            else:
+                value, grad = jax.value_and_grad(fn)(state.params)
+                updates, opt_state = self.opt.update(grad, state.opt_state, state.params)
+            data_grad = jax.tree.map(jnp.subtract, grad, obj.penalty_grad(state.params))
+            snaps = self.buffer.update(state.snapshots, state.step, state.params, data_grad)
+            gnorm = tree_norm(grad)
+        else:
+            bidx, bw = self._batch(state.step, weights)
+            fn = lambda p: obj.data_loss(p, x[bidx], y[bidx], bw) + obj.penalty(p)
+            grad = jax.grad(fn)(state.params)
+            updates, opt_state = self.opt.update(grad, state.opt_state, state.params)
+            take = state.step % cfg.snapshot_every == 0
+            snaps = jax.lax.cond(
+                take,
+                lambda s: self.buffer.update(s, state.step, state.params, self.full_data_grad(state.params, x, y, weights)),
+                lambda s: s,
+                state.snapshots,
+            )
+            gnorm = state.grad_norm
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(state.step + 1, params, opt_state, snaps, gnorm)
+
+    def _batch(self, step, weights):
+        """Indices and weights of mini-batch ``step``: epoch-wise permutation from the seed."""
+        n = weights.shape[0]
+        bs = self.cfg.batch_size
+        per_epoch = -(-n // bs)
+        epoch, b = step // per_epoch, step % per_epoch
+        perm = jax.random.permutation(jax.random.fold_in(jax.random.key(self.cfg.seed), epoch), n)
+        pad = per_epoch * bs - n
+        perm = jnp.concatenate([perm, jnp.full((pad,), n, perm.dtype)])  # n = padding slot
+        idx = jax.lax.dynamic_slice(perm, (b * bs,), (bs,))
+        w = jnp.where(idx < n, jnp.concatenate([weights, jnp.zeros((1,), weights.dtype)])[idx], 0.0)
+        return jnp.minimum(idx, n - 1), w
+
+    def _chunk(self, state: TrainState, x, y, weights, length: int) -> TrainState:
+        def body(s, _):
+            return self.step(s, x, y, weights), None
+
+        state, _ = jax.lax.scan(body, state, None, length=length)
+        return state
+
+    # -- driver ----------------------------------------------------------------------------
+    def fit(self, params: Params, x, y, weights=None, *, verbose: bool = False, label: str = "train") -> TrainState:
+        """Train from ``params`` for ``cfg.steps`` steps (or until ``tol``); returns the final state.
+
+        The final parameters and their full-data gradient are always written to the
+        snapshot buffer, so its newest entry is ``(T, w*, grad G_D(w*))``.
+        """
+        cfg = self.cfg
+        x = jnp.asarray(x)
+        y = jnp.asarray(y)
+        weights = jnp.ones((x.shape[0],), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
+        state = self.init(params)
+        t0 = time.perf_counter()
+        done = 0
+        while done < cfg.steps:
+            length = min(cfg.chunk, cfg.steps - done)
+            state = self._run_chunk(state, x, y, weights, length=length)
+            done += length
+            gn = float(state.grad_norm)
+            if verbose:
+                msg = f"[{label}] step {done}/{cfg.steps}"
+                if cfg.batch_size is None:
+                    msg += f"  grad-norm {gn:.2e}"
+                print(msg + f"  ({time.perf_counter() - t0:.1f}s)", file=sys.stderr, flush=True)
+            if not np.isfinite(gn) and cfg.batch_size is None:
+                raise FloatingPointError(f"{label}: training diverged (gradient norm {gn}); lower the learning rate")
+            if cfg.batch_size is None and gn < cfg.tol:
+                break
+        g = self._full_grad(state.params, x, y, weights)
+        snaps = self.buffer.update(state.snapshots, state.step, state.params, g, force=True)
+        full = jax.tree.map(jnp.add, g, self.objective.penalty_grad(state.params))
+        return state._replace(snapshots=snaps, grad_norm=tree_norm(full))
+
+
+def train(objective: Objective, cfg: TrainConfig, params: Params, x, y, weights=None, **kw) -> TrainState:
+    """Functional entry point: ``Trainer(objective, cfg).fit(params, x, y, weights)``."""
+    return Trainer(objective, cfg).fit(params, x, y, weights, **kw)
