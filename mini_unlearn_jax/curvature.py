@@ -165,3 +165,38 @@ def fit_stats(objective, params: Params, x, chunk: int = 8192) -> EKFAC | None:
     probs = jnp.concatenate([jax.nn.softmax(objective.apply_fn(params, x[i : i + chunk]), -1)
                              for i in range(0, x.shape[0], chunk)])
     return ekfac_fit(x, probs, chunk)
+
+
+def pcg(A, b: jax.Array, x0: jax.Array, precond, iters: int, rtol: float = 1e-6):
+    """Preconditioned conjugate gradients for SPD ``A``: at most ``iters`` products with ``A``.
+
+    Stops early (freezes) once ``||r|| <= rtol ||b||``, or if a non-positive or non-finite
+    curvature ``p^T A p`` appears. Returns ``(x, ||r|| / ||b||, products used)``.
+    """
+    bnorm = jnp.maximum(jnp.linalg.norm(b), 1e-30)
+    r = b - A(x0)
+    z = precond(r)
+    state = (x0, r, z, jnp.vdot(r, z), jnp.asarray(0, jnp.int32),
+             jnp.linalg.norm(r) > rtol * bnorm)
+
+    def body(_, s):
+        x, r, p, rz, used, alive = s
+        Ap = A(p)
+        pAp = jnp.vdot(p, Ap)
+        alive = alive & (pAp > 0) & jnp.isfinite(pAp)
+        a = jnp.where(alive, rz / jnp.where(alive, pAp, 1.0), 0.0)
+        x = x + a * p
+        r_new = r - a * Ap
+        z = precond(r_new)
+        rz_new = jnp.vdot(r_new, z)
+        beta = jnp.where(alive, rz_new / jnp.where(rz != 0, rz, 1.0), 0.0)
+        p = jnp.where(alive, z + beta * p, p)
+        used = used + alive.astype(jnp.int32)
+        r = jnp.where(alive, r_new, r)
+        rz = jnp.where(alive, rz_new, rz)
+        alive = alive & (jnp.linalg.norm(r) > rtol * bnorm) & jnp.isfinite(rz)
+        return x, r, p, rz, used, alive
+
+    # the A-product is evaluated every iteration (fori_loop), but frozen once converged
+    x, r, _, _, used, _ = jax.lax.fori_loop(0, iters, body, state)
+    return x, jnp.linalg.norm(r) / bnorm, used

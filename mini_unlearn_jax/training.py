@@ -102,6 +102,18 @@ class Trainer:
         self.buffer: SnapshotBuffer = snapshot_buffer(cfg.snapshots, cfg.snapshot_every)
         self._run_chunk = jax.jit(self._chunk, static_argnames=("length",))
         self._full_grad = jax.jit(self.full_data_grad)
+        self._compiled: dict = {}
+        self.compile_s = 0.0  # seconds spent compiling, accumulated over fit() calls
+
+    def _call(self, name: str, fn, *args, **static):
+        """Run ``fn`` through an ahead-of-time compiled executable, timing compilation apart."""
+        key = (name, tuple(sorted(static.items())),
+               tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args) if hasattr(a, "shape")))
+        if key not in self._compiled:
+            t0 = time.perf_counter()
+            self._compiled[key] = fn.lower(*args, **static).compile()
+            self.compile_s += time.perf_counter() - t0
+        return self._compiled[key](*args)
 
     # -- pure pieces -----------------------------------------------------------------------
     def full_data_grad(self, params, x, y, weights):
@@ -183,7 +195,7 @@ class Trainer:
         done = 0
         while done < cfg.steps:
             length = min(cfg.chunk, cfg.steps - done)
-            state = self._run_chunk(state, x, y, weights, length=length)
+            state = self._call("chunk", self._run_chunk, state, x, y, weights, length=length)
             done += length
             gn = float(state.grad_norm)
             if verbose:
@@ -195,7 +207,7 @@ class Trainer:
                 raise FloatingPointError(f"{label}: training diverged (gradient norm {gn}); lower the learning rate")
             if cfg.batch_size is None and gn < cfg.tol:
                 break
-        g = self._full_grad(state.params, x, y, weights)
+        g = self._call("grad", self._full_grad, state.params, x, y, weights)
         snaps = self.buffer.update(state.snapshots, state.step, state.params, g, force=True)
         full = jax.tree.map(jnp.add, g, self.objective.penalty_grad(state.params))
         return state._replace(snapshots=snaps, grad_norm=tree_norm(full))

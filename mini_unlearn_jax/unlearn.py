@@ -297,29 +297,8 @@ def _solve(objective: Objective, cfg: MiniConfig, kind: str, params, snap_params
             gv = ravel_pytree(cv.ggn_vp(objective, params, x, y, keep, unravel(v)))[0]
             return gv + (l2 * m_vec + cfg.damping) * v
 
-        b = -g_rem(w0)
-        d = jnp.where(ok, w_fp - w0, 0.0)
-        res = b - H(d)
-        z = precond(res)
-        p = z
-        rz = jnp.vdot(res, z)
-        r0 = jnp.linalg.norm(b)
-
-        def cg(_, c):
-            d, res, p, rz, alive = c
-            Hp = H(p)
-            pHp = jnp.vdot(p, Hp)
-            alive = alive & (pHp > 0) & jnp.isfinite(pHp)
-            a = jnp.where(alive, rz / jnp.where(alive, pHp, 1.0), 0.0)
-            d = d + a * p
-            res = res - a * Hp
-            z = precond(res)
-            rz_new = jnp.vdot(res, z)
-            p = z + jnp.where(alive, rz_new / jnp.where(rz != 0, rz, 1.0), 0.0) * p
-            return d, res, p, rz_new, alive
-
-        d, res, _, _, _ = jax.lax.fori_loop(0, cfg.refine_passes, cg, (d, res, p, rz, jnp.asarray(True)))
-        refine_res = jnp.linalg.norm(res) / jnp.maximum(r0, 1e-30)
+        d0 = jnp.where(ok, w_fp - w0, 0.0)
+        d, refine_res, _ = cv.pcg(H, -g_rem(w0), d0, precond, cfg.refine_passes)
         w_ref = w0 + d
         good = jnp.all(jnp.isfinite(w_ref))
         w_out = jnp.where(good, w_ref, w0)

@@ -1,0 +1,330 @@
+"""The ``mini-unlearn`` command line: train, unlearn, info.
+
+    mini-unlearn train --data SPEC --model {logreg,mlp} [--l2 FLOAT] [--hidden INT] [--seed INT] --out RUN_DIR
+    mini-unlearn unlearn --run RUN_DIR --method NAME (--ratio FLOAT | --forget FILE.npy) [--seed INT]
+                         [--compare-retrain] --out OUT_DIR [--export-probs FILE.npz] [--overwrite]
+    mini-unlearn info RUN_DIR
+
+Exit codes: 0 success, 1 bad input (message on stderr, nothing written), 2 the method did not
+converge (report.json says why; no model is saved).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+EXIT_BAD_INPUT, EXIT_NOT_CONVERGED = 1, 2
+
+
+def log(msg: str) -> None:
+    print(f"[mini-unlearn] {msg}", file=sys.stderr, flush=True)
+
+
+class UsageError(Exception):
+    pass
+
+
+# -- train ----------------------------------------------------------------------------------
+
+
+def cmd_train(args) -> int:
+    import jax
+
+    from . import checkpoint as ck
+    from . import curvature as cv
+    from .data import load_dataset
+    from .metrics import accuracy, predict_probs
+    from .models import build_model, init_params, make_objective
+    from .snapshots import nbytes
+    from .training import Trainer, default_config
+
+    out = Path(args.out)
+    if out.exists() and (ck.is_run(out) or any(out.iterdir())):
+        raise UsageError(f"{out} already exists and is not empty; a trained run is never overwritten -- choose a new --out")
+    if not (args.l2 >= 0 and np.isfinite(args.l2)):
+        raise UsageError(f"--l2 must be a finite number >= 0, got {args.l2}")
+    ds = load_dataset(args.data)
+    model = build_model(args.model, ds.num_classes, hidden=args.hidden)
+    objective = make_objective(model, args.l2)
+    cfg = default_config(args.model, ds.n_train, seed=args.seed)
+    overrides = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "snapshots": args.snapshots,
+                                   "learning_rate": args.lr, "optimizer": args.optimizer}.items() if v is not None}
+    if overrides:
+        import dataclasses
+
+        if "optimizer" in overrides and overrides["optimizer"] == "lbfgs":
+            overrides.setdefault("batch_size", None)
+        cfg = dataclasses.replace(cfg, **overrides)
+        if "steps" in overrides and cfg.batch_size is not None and "snapshot_every" not in overrides:
+            cfg = dataclasses.replace(cfg, snapshot_every=max(1, cfg.steps // cfg.snapshots))
+    params0 = init_params(model, ds.x_train[0], args.seed)
+    log(f"training {args.model} on {args.data}: n={ds.n_train}, {ds.num_classes} classes, l2={args.l2}, "
+        f"{cfg.optimizer} {'full batch' if cfg.batch_size is None else f'batch {cfg.batch_size}'}, up to {cfg.steps} steps")
+    trainer = Trainer(objective, cfg)
+    t0 = time.perf_counter()
+    state = trainer.fit(params0, ds.x_train, ds.y_train, verbose=True)
+    jax.block_until_ready(state.params)
+    train_s = time.perf_counter() - t0 - trainer.compile_s
+    stats = cv.fit_stats(objective, state.params, ds.x_train)
+    p_train = predict_probs(objective, state.params, ds.x_train)
+    p_test = predict_probs(objective, state.params, ds.x_test)
+    param_count = int(sum(a.size for a in jax.tree.leaves(state.params)))
+    meta = {
+        "kind": "trained",
+        "model": args.model, "hidden": args.hidden, "l2": args.l2, "seed": args.seed,
+        "num_classes": ds.num_classes, "input_shape": list(ds.input_shape),
+        "data_spec": args.data, "data_fingerprint": ds.fingerprint(), "n_train_original": ds.n_train,
+        "n_train": ds.n_train,
+        "train_config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+        "train_time_s": train_s, "compile_s": trainer.compile_s, "steps_run": int(state.step),
+        "final_grad_norm": float(state.grad_norm),
+        "train_acc": accuracy(p_train, ds.y_train), "test_acc": accuracy(p_test, ds.y_test),
+        "param_count": param_count, "param_bytes": nbytes(state.params),
+        "snapshot_buffer_bytes": nbytes(state.snapshots), "curvature_stats_bytes": nbytes(stats) if stats is not None else 0,
+        "ledger": [], "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    ck.save_run(out, params=state.params, opt_state=state.opt_state, snapshots=state.snapshots, stats=stats,
+                removed=np.zeros((0,), np.int32), meta=meta)
+    log(f"done in {train_s:.1f}s (+{trainer.compile_s:.1f}s compile): train acc {meta['train_acc']:.4f}, "
+        f"test acc {meta['test_acc']:.4f}, final gradient norm {meta['final_grad_norm']:.2e}")
+    log(f"params {param_count} ({meta['param_bytes']} B), snapshot buffer {meta['snapshot_buffer_bytes']} B "
+        f"(K={cfg.snapshots}), curvature stats {meta['curvature_stats_bytes']} B -> {out}")
+    return 0
+
+
+# -- unlearn --------------------------------------------------------------------------------
+
+
+def load_forget(args, n_original: int, removed: np.ndarray) -> np.ndarray:
+    from .unlearn import validate_indices
+
+    if (args.ratio is None) == (args.forget is None):
+        raise UsageError("give exactly one of --ratio FLOAT or --forget FILE.npy")
+    alive = np.setdiff1d(np.arange(n_original), removed)
+    if args.ratio is not None:
+        if not (0.0 < args.ratio < 1.0):
+            raise UsageError(f"--ratio must lie strictly between 0 and 1, got {args.ratio}")
+        r = int(round(args.ratio * alive.size))
+        if r < 1:
+            raise UsageError(f"--ratio {args.ratio} of {alive.size} examples removes nothing; use a larger ratio")
+        if r >= alive.size:
+            raise UsageError(f"--ratio {args.ratio} would remove every remaining example")
+        rng = np.random.default_rng(args.seed)
+        return np.sort(rng.choice(alive, size=r, replace=False)).astype(np.int32)
+    path = Path(args.forget)
+    if not path.exists():
+        raise UsageError(f"--forget {path} not found: give a .npy file of training indices")
+    try:
+        idx = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise UsageError(f"--forget {path} is not a readable .npy array ({e}); save it with np.save(path, indices)") from e
+    try:
+        idx = validate_indices(idx, n_original)
+    except ValueError as e:
+        raise UsageError(f"--forget {path}: {e}") from e
+    again = np.intersect1d(idx, removed)
+    if again.size:
+        raise UsageError(f"--forget {path}: {again.size} indices were already removed by an earlier request "
+                         f"(e.g. {again[:5].tolist()}); see `mini-unlearn info {args.run}` and drop them")
+    if idx.size >= alive.size:
+        raise UsageError("the forget set covers every remaining example; nothing would remain to learn from")
+    return idx
+
+
+def cmd_unlearn(args) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    from . import checkpoint as ck
+    from . import curvature as cv
+    from . import methods as M
+    from . import metrics as mt
+    from .data import load_dataset
+    from .models import init_params
+    from .snapshots import nbytes, snapshot_buffer
+
+    if args.method not in M.METHODS:
+        raise UsageError(f"unknown --method {args.method!r}: choose one of {', '.join(M.METHODS)}")
+    out = Path(args.out)
+    run_dir = Path(args.run).absolute()
+    if out.absolute() == run_dir or run_dir in out.absolute().parents:
+        raise UsageError("--out must not be the run directory or inside it: the trained run is never modified")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise UsageError(f"{out} already holds a result; choose a new --out or pass --overwrite")
+    if out.exists() and ck.is_run(out) and ck.read_meta(out).get("kind") == "trained":
+        raise UsageError(f"{out} holds a trained run, which is never overwritten; choose a new --out")
+    run = ck.load_run(run_dir)
+    meta = run.meta
+    ds = load_dataset(meta["data_spec"])
+    if ds.fingerprint() != meta["data_fingerprint"]:
+        raise UsageError(f"the data behind {meta['data_spec']!r} differs from what {run_dir} was trained on "
+                         "(fingerprint mismatch); restore the original data or retrain on the new data")
+    n_original = ds.n_train
+    forget = load_forget(args, n_original, run.removed)
+    alive = np.setdiff1d(np.arange(n_original), run.removed)
+    local = np.searchsorted(alive, forget).astype(np.int32)
+    x = jnp.asarray(ds.x_train[alive])
+    y = jnp.asarray(ds.y_train[alive])
+    n = int(alive.size)
+    params0 = init_params(run.model, ds.x_train[0], run.train_config.seed)
+    problem = M.Problem(run.objective, run.train_config, params0, run.params, run.snapshots, run.stats, x, y)
+    log(f"{args.method}: removing {forget.size} of {n} examples ({forget.size / n:.1%})")
+    res = M.run_method(args.method, problem, local)
+    log(f"{args.method}: {res.reason} in {res.time_s:.3f}s (+{res.compile_s:.2f}s compile)")
+
+    keep = M.keep_mask(n, local).astype(bool)
+    original = res.info.get("own_original", run.params)
+    p_test = mt.predict_probs(run.objective, res.params, ds.x_test)
+    p_forget = mt.predict_probs(run.objective, res.params, x[local])
+    p_retain = mt.predict_probs(run.objective, res.params, x[keep])
+    report = {
+        "method": args.method, "ratio": float(forget.size / n), "n_train": n, "n_removed": int(forget.size),
+        "time_s": res.time_s, "compile_s": res.compile_s,
+        "test_acc": mt.accuracy(p_test, ds.y_test), "forget_acc": mt.accuracy(p_forget, np.asarray(y)[local]),
+        "retain_acc": mt.accuracy(p_retain, np.asarray(y)[keep]),
+        "converged": bool(res.converged), "reason": res.reason,
+        "seed": args.seed, "run": str(run_dir), "data_spec": meta["data_spec"],
+        "param_count": meta["param_count"], "snapshot_buffer_bytes": meta["snapshot_buffer_bytes"],
+        "curvature_stats_bytes": meta["curvature_stats_bytes"],
+        "details": {k: v for k, v in res.info.items() if k != "own_original"},
+    }
+    if args.compare_retrain:
+        if args.method == "deltagrad":
+            log("retraining with DeltaGrad's own (S)GD recipe for reference ...")
+            ref = M.deltagrad_retrain(problem, local)
+        else:
+            log("retraining on the remaining data for reference ...")
+            ref = M.run_method("retrain", problem, local)
+        p_ref_test = mt.predict_probs(run.objective, ref.params, ds.x_test)
+        p_ref_forget = mt.predict_probs(run.objective, ref.params, x[local])
+        p_orig_test = mt.predict_probs(run.objective, original, ds.x_test)
+        report.update({
+            "retrain_time_s": ref.time_s, "retrain_compile_s": ref.compile_s,
+            "time_ratio": res.time_s / max(ref.time_s, 1e-12),
+            "rel_param_error": mt.rel_param_error(res.params, ref.params, original),
+            "kl_test": mt.mean_kl(p_ref_test, p_test), "kl_forget": mt.mean_kl(p_ref_forget, p_forget),
+            "agreement_test": mt.agreement(p_ref_test, p_test),
+            "original_kl_test": mt.mean_kl(p_ref_test, p_orig_test),
+            "retrain_test_acc": mt.accuracy(p_ref_test, ds.y_test),
+            "original_test_acc": mt.accuracy(p_orig_test, ds.y_test),
+        })
+    if not res.converged:
+        text = json.dumps(report, indent=2, default=float)
+        ck.write_files_atomic(out, {"report.json": text}, overwrite=args.overwrite)
+        log(f"NOT CONVERGED: {res.reason}. report.json written to {out}; no model was saved.")
+        print(text)
+        return EXIT_NOT_CONVERGED
+    # refresh the snapshot buffer (and curvature stats) at the new parameters for the next request
+    t0 = time.perf_counter()
+    cfg = run.train_config
+    buf = snapshot_buffer(cfg.snapshots, cfg.snapshot_every)
+    keep_j = jnp.asarray(keep, jnp.float32)
+    g_new = jax.grad(run.objective.data_loss)(res.params, x, y, keep_j)
+    snaps = buf.update(run.snapshots, run.snapshots.steps.max() + 1, res.params, g_new, force=True)
+    stats = cv.fit_stats(run.objective, res.params, x[keep])
+    refresh_s = time.perf_counter() - t0
+    report["refresh_s"] = refresh_s
+    removed_all = np.concatenate([run.removed, forget]).astype(np.int32)
+    entry = {"method": args.method, "n_removed": int(forget.size), "time_s": res.time_s,
+             "data_fingerprint": meta["data_fingerprint"], "parent": str(run_dir),
+             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    new_meta = dict(meta, kind="unlearned", n_train=int(n - forget.size), ledger=list(meta.get("ledger", [])) + [entry],
+                    test_acc=report["test_acc"], curvature_stats_bytes=nbytes(stats) if stats is not None else 0)
+    probs_file = None
+    if args.export_probs:
+        probs_file = Path(args.export_probs)
+        if probs_file.exists() and not args.overwrite:
+            raise UsageError(f"{probs_file} exists; choose another --export-probs path or pass --overwrite")
+    ck.save_run(out, params=res.params, opt_state=run.opt_state, snapshots=snaps, stats=stats, removed=removed_all,
+                meta=new_meta, overwrite=args.overwrite,
+                extra_files={"report.json": json.dumps(report, indent=2, default=float)})
+    if probs_file is not None:
+        probs_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = probs_file.with_name(probs_file.name + ".partial.npz")
+        np.savez(tmp, test=p_test.astype(np.float32), forget=p_forget.astype(np.float32), forget_indices=forget)
+        os.replace(tmp, probs_file)
+    print(json.dumps(report, indent=2, default=float))
+    log(f"result written to {out}")
+    return 0
+
+
+# -- info -----------------------------------------------------------------------------------
+
+
+def cmd_info(args) -> int:
+    from . import checkpoint as ck
+
+    meta = ck.read_meta(args.run)
+    keys = ["kind", "model", "hidden", "l2", "data_spec", "data_fingerprint", "n_train_original", "n_train",
+            "steps_run", "final_grad_norm", "train_acc", "test_acc", "param_count", "snapshot_buffer_bytes",
+            "curvature_stats_bytes"]
+    for k in keys:
+        if k in meta:
+            print(f"{k:24s} {meta[k]}")
+    ledger = meta.get("ledger", [])
+    print(f"ledger                   {len(ledger)} request(s), {meta.get('n_removed_total', 0)} examples removed")
+    for i, e in enumerate(ledger):
+        print(f"  #{i + 1} {e['date']}  {e['method']:10s} removed {e['n_removed']:7d}  {e['time_s']:.3f}s  "
+              f"data {e['data_fingerprint'][:12]}")
+    if args.indices:
+        run = ck.load_run(args.run)
+        print(json.dumps(run.removed.tolist()))
+    return 0
+
+
+# -- entry point ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mini-unlearn", description="Train, unlearn and evaluate (Mini-Unlearning in JAX).")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train a model and save a run directory")
+    t.add_argument("--data", required=True, help="fashion_mnist | digits | breast_cancer | npz:PATH | synthetic[:...] | tfds:NAME")
+    t.add_argument("--model", required=True, choices=["logreg", "mlp"])
+    t.add_argument("--l2", type=float, default=1e-3)
+    t.add_argument("--hidden", type=int, default=256)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", required=True)
+    t.add_argument("--steps", type=int, help="override the recipe's number of steps")
+    t.add_argument("--batch-size", type=int, help="override the recipe's batch size")
+    t.add_argument("--lr", type=float, help="override the recipe's learning rate (adam/sgd)")
+    t.add_argument("--optimizer", choices=["lbfgs", "adam", "sgd"], help="override the recipe's optimizer")
+    t.add_argument("--snapshots", type=int, help="snapshot buffer size K")
+    u = sub.add_parser("unlearn", help="remove examples from a trained run into a new run directory")
+    u.add_argument("--run", required=True)
+    u.add_argument("--method", required=True, help="mini | mini-lite | mini-plus | retrain | newton | finetune | neggrad | deltagrad")
+    u.add_argument("--ratio", type=float)
+    u.add_argument("--forget", help=".npy file of training indices to remove")
+    u.add_argument("--seed", type=int, default=0)
+    u.add_argument("--compare-retrain", action="store_true")
+    u.add_argument("--out", required=True)
+    u.add_argument("--export-probs")
+    u.add_argument("--overwrite", action="store_true", help="replace an existing result in --out")
+    i = sub.add_parser("info", help="print a run's metadata and deletion ledger")
+    i.add_argument("run")
+    i.add_argument("--indices", action="store_true", help="also print the removed indices")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .data import DataError
+
+    try:
+        return {"train": cmd_train, "unlearn": cmd_unlearn, "info": cmd_info}[args.cmd](args)
+    except (UsageError, DataError, CheckpointError, FileExistsError, ValueError) as e:
+        print(f"mini-unlearn {args.cmd}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

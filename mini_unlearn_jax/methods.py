@@ -1,0 +1,282 @@
+"""Every unlearning method behind one interface: ``run_method(name, problem, forget, **options)``.
+
+Methods: ``mini`` (the default Mini-Unlearning configuration), ``mini-lite`` (no pass over the
+remaining data), ``mini-plus`` (more refinement), ``retrain`` (ground truth), ``newton``
+(Newton-CG with exact Hessian-vector products), ``finetune``, ``neggrad`` and ``deltagrad``.
+
+Each returns a :class:`MethodOutput` whose ``time_s`` excludes compilation (reported apart in
+``compile_s``): jitted methods are compiled ahead of time, then the compiled program is timed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+
+from . import curvature as cv
+from . import deltagrad as dg
+from . import unlearn as ul
+from .models import Objective
+from .training import TrainConfig, Trainer
+
+Params = Any
+
+MINI_VARIANTS = {
+    "mini": ul.MiniConfig(refine_passes=4),
+    "mini-lite": ul.MiniConfig(refine_passes=0),
+    "mini-plus": ul.MiniConfig(refine_passes=12),
+}
+METHODS = tuple(MINI_VARIANTS) + ("retrain", "newton", "finetune", "neggrad", "deltagrad")
+
+
+@dataclasses.dataclass
+class Problem:
+    """A trained model and the data it was trained on.
+
+    Attributes:
+      objective: the training objective.
+      train_config: the recipe that trained ``params`` (retraining reuses it).
+      params0: the initial parameters of that recipe.
+      params: the trained parameters ``w*``.
+      snapshots: the snapshot buffer from training (newest entry at ``w*``).
+      stats: curvature statistics saved at training time (EKFAC for logreg) or None.
+      x, y: the training set.
+    """
+
+    objective: Objective
+    train_config: TrainConfig
+    params0: Params
+    params: Params
+    snapshots: Any
+    stats: cv.EKFAC | None
+    x: jax.Array
+    y: jax.Array
+
+
+class MethodOutput(NamedTuple):
+    params: Params
+    converged: bool
+    reason: str
+    time_s: float
+    compile_s: float
+    info: dict
+
+
+def keep_mask(n: int, forget: np.ndarray) -> np.ndarray:
+    keep = np.ones(n, np.float32)
+    keep[forget] = 0.0
+    return keep
+
+
+def _aot(fn_jit, static_args: tuple, dyn_args: tuple, static_kw: dict | None = None):
+    """Compile ``fn_jit`` ahead of time; return (callable on dyn_args, compile seconds)."""
+    t0 = time.perf_counter()
+    compiled = fn_jit.lower(*static_args, *dyn_args, **(static_kw or {})).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def _time(compiled, *args):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(compiled(*args))
+    return out, time.perf_counter() - t0
+
+
+def _finite(params) -> bool:
+    return bool(all(jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(params)))
+
+
+# -- Mini-Unlearning ----------------------------------------------------------------------
+
+
+def run_mini(problem: Problem, forget, config: ul.MiniConfig) -> MethodOutput:
+    n = int(problem.x.shape[0])
+    idx, mask = ul.pad_request(forget, n, config.min_bucket)
+    kind = ul._resolve_curvature(problem.objective, config, problem.stats)
+    dyn = (problem.params, problem.snapshots.params, problem.snapshots.grads, problem.snapshots.count,
+           problem.stats, problem.x, problem.y, jnp.asarray(idx), jnp.asarray(mask))
+    compiled, compile_s = _aot(ul._solve_jit, (problem.objective, config, kind), dyn)
+    res, t = _time(compiled, *dyn)
+    info = {
+        "curvature": kind,
+        "iterations": int(res.iterations),
+        "step_norm": float(res.step_norm),
+        "contraction": float(res.contraction),
+        "error_bound": float(res.error_bound),
+        "refine_passes": int(res.refine_passes),
+        "refine_residual": float(res.refine_residual),
+        "bucket": int(idx.size),
+    }
+    return MethodOutput(res.params, bool(res.converged), res.reason(), t, compile_s, info)
+
+
+# -- retrain --------------------------------------------------------------------------------
+
+
+def run_retrain(problem: Problem, forget, verbose: bool = False) -> MethodOutput:
+    n = int(problem.x.shape[0])
+    trainer = Trainer(problem.objective, problem.train_config)
+    t0 = time.perf_counter()
+    state = trainer.fit(problem.params0, problem.x, problem.y, keep_mask(n, forget), verbose=verbose, label="retrain")
+    jax.block_until_ready(state.params)
+    wall = time.perf_counter() - t0
+    ok = _finite(state.params)
+    return MethodOutput(state.params, ok, "converged" if ok else "retraining diverged", wall - trainer.compile_s,
+                        trainer.compile_s, {"steps": int(state.step), "grad_norm": float(state.grad_norm)})
+
+
+# -- Newton-CG ------------------------------------------------------------------------------
+
+
+def _remaining_objective(problem: Problem, keep):
+    obj = problem.objective
+    return lambda p: obj.data_loss(p, problem.x, problem.y, keep) + obj.penalty(p)
+
+
+@functools.partial(jax.jit, static_argnames=("objective", "iters"))
+def _newton(objective: Objective, iters: int, params, x, y, keep):
+    fn = lambda p: objective.data_loss(p, x, y, keep) + objective.penalty(p)
+    w0, unravel = ravel_pytree(params)
+    g = ravel_pytree(jax.grad(fn)(params))[0]
+    H = lambda v: ravel_pytree(cv.hvp(fn, params, unravel(v)))[0]
+    d, _, _ = cv.pcg(H, -g, jnp.zeros_like(w0), lambda v: v, iters)
+    return unravel(w0 + d)
+
+
+def run_newton(problem: Problem, forget, iters: int = 100) -> MethodOutput:
+    keep = jnp.asarray(keep_mask(int(problem.x.shape[0]), forget))
+    dyn = (problem.params, problem.x, problem.y, keep)
+    compiled, c = _aot(_newton, (problem.objective, iters), dyn)
+    out, t = _time(compiled, *dyn)
+    ok = _finite(out)
+    return MethodOutput(out if ok else problem.params, ok, "converged" if ok else "Newton step produced NaN/inf",
+                        t, c, {"cg_iters": iters})
+
+
+# -- fine-tune and NegGrad ------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("objective", "cfg", "steps"))
+def _finetune(objective: Objective, cfg: TrainConfig, steps: int, params, x, y, keep):
+    trainer = Trainer(objective, dataclasses.replace(cfg, steps=steps, snapshots=1))
+    state = trainer.init(params)
+    return trainer._chunk(state, x, y, keep, length=steps).params
+
+
+def run_finetune(problem: Problem, forget, steps: int | None = None) -> MethodOutput:
+    cfg = problem.train_config
+    if steps is None:
+        steps = 10 if cfg.batch_size is None else max(1, int(problem.x.shape[0]) // cfg.batch_size)
+    keep = jnp.asarray(keep_mask(int(problem.x.shape[0]), forget))
+    dyn = (problem.params, problem.x, problem.y, keep)
+    compiled, c = _aot(_finetune, (problem.objective, cfg, steps), dyn)
+    out, t = _time(compiled, *dyn)
+    ok = _finite(out)
+    return MethodOutput(out if ok else problem.params, ok, "converged" if ok else "fine-tuning diverged", t, c, {"steps": steps})
+
+
+@functools.partial(jax.jit, static_argnames=("objective", "steps", "lr"))
+def _neggrad(objective: Objective, steps: int, lr: float, params, xr, yr):
+    opt = optax.sgd(lr)
+    fn = lambda p: -objective.data_loss(p, xr, yr) + objective.penalty(p)
+
+    def body(c, _):
+        p, s = c
+        u, s = opt.update(jax.grad(fn)(p), s, p)
+        return (optax.apply_updates(p, u), s), None
+
+    (p, _), _ = jax.lax.scan(body, (params, opt.init(params)), None, length=steps)
+    return p
+
+
+def run_neggrad(problem: Problem, forget, steps: int = 5, lr: float = 0.05) -> MethodOutput:
+    forget = np.asarray(forget)
+    dyn = (problem.params, problem.x[forget], problem.y[forget])
+    compiled, c = _aot(_neggrad, (problem.objective, steps, lr), dyn)
+    out, t = _time(compiled, *dyn)
+    ok = _finite(out)
+    return MethodOutput(out if ok else problem.params, ok, "converged" if ok else "gradient ascent diverged",
+                        t, c, {"steps": steps, "lr": lr})
+
+
+# -- DeltaGrad -----------------------------------------------------------------------------
+
+
+def deltagrad_config(problem: Problem, **options) -> dg.DeltaGradConfig:
+    """DeltaGrad's (S)GD recipe for this problem: the recipe's batch size and seed, full batch
+    GD with ``lr=0.5``/``steps=300`` unless given (DeltaGrad replays GD/SGD, not L-BFGS)."""
+    cfg = problem.train_config
+    base = {"lr": 0.5 if cfg.batch_size is None else cfg.learning_rate,
+            "steps": 300 if cfg.batch_size is None else cfg.steps,
+            "batch_size": cfg.batch_size, "seed": cfg.seed}
+    base.update(options)
+    return dg.DeltaGradConfig(**base)
+
+
+def run_deltagrad(problem: Problem, forget, **options) -> MethodOutput:
+    """DeltaGrad on its own (S)GD training trajectory from the same init.
+
+    The trajectory and its cache are built first (training-time cost, reported as
+    ``info['train_s']``); the replay is timed. ``info['own_original']`` is the (S)GD-trained
+    model it starts from: DeltaGrad's ground truth is :func:`deltagrad_retrain`, the same (S)GD
+    recipe on the remaining data.
+    """
+    cfg = deltagrad_config(problem, **options)
+    t0 = time.perf_counter()
+    w_dg, cache = dg.train_with_cache(problem.objective, cfg, problem.params0, problem.x, problem.y)
+    jax.block_until_ready(w_dg)
+    train_s = time.perf_counter() - t0
+    remove = ~keep_mask(int(problem.x.shape[0]), forget).astype(bool)
+    t0 = time.perf_counter()
+    jax.block_until_ready(dg.deltagrad_unlearn(problem.objective, cfg, cache, problem.params0, problem.x, problem.y, remove)[0])
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out, info = dg.deltagrad_unlearn(problem.objective, cfg, cache, problem.params0, problem.x, problem.y, remove)
+    jax.block_until_ready(out)
+    t = time.perf_counter() - t0
+    ok = info.finite and _finite(out)
+    return MethodOutput(out if ok else w_dg, ok, "converged" if ok else "DeltaGrad's replay diverged (NaN/inf)",
+                        t, max(first - t, 0.0),
+                        {"exact_steps": info.exact_steps, "steps": info.steps, "cache_bytes": info.cache_nbytes,
+                         "train_s": train_s, "own_original": w_dg, "config": dataclasses.asdict(cfg)})
+
+
+def deltagrad_retrain(problem: Problem, forget, **options) -> MethodOutput:
+    """Ground truth for DeltaGrad: its (S)GD recipe on the remaining data (compile timed apart)."""
+    cfg = deltagrad_config(problem, **options)
+    keep = jnp.asarray(keep_mask(int(problem.x.shape[0]), forget))
+    dyn = (problem.params0, problem.x, problem.y, keep)
+    compiled, c = _aot(dg._train, (problem.objective, cfg), dyn, {"record": False})
+    (out, _), t = _time(compiled, *dyn)
+    return MethodOutput(out, _finite(out), "converged", t, c, {})
+
+
+# -- dispatch -------------------------------------------------------------------------------
+
+
+def run_method(name: str, problem: Problem, forget, **options) -> MethodOutput:
+    """Run method ``name`` on ``problem`` removing training indices ``forget``."""
+    forget = ul.validate_indices(forget, int(problem.x.shape[0]))
+    if name in MINI_VARIANTS:
+        cfg = MINI_VARIANTS[name]
+        if options:
+            cfg = dataclasses.replace(cfg, **options)
+        return run_mini(problem, forget, cfg)
+    if name == "retrain":
+        return run_retrain(problem, forget, **options)
+    if name == "newton":
+        return run_newton(problem, forget, **options)
+    if name == "finetune":
+        return run_finetune(problem, forget, **options)
+    if name == "neggrad":
+        return run_neggrad(problem, forget, **options)
+    if name == "deltagrad":
+        return run_deltagrad(problem, forget, **options)
+    raise ValueError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}")

@@ -1,0 +1,44 @@
+"""Fidelity metrics of an unlearned model against the retrained one."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from .models import Objective
+
+
+def predict_probs(objective: Objective, params, x, chunk: int = 8192) -> np.ndarray:
+    """Class probabilities ``[n, C]`` (float64 numpy), computed in chunks."""
+    x = jnp.asarray(x)
+    fn = jax.jit(lambda p, xb: jax.nn.log_softmax(objective.apply_fn(p, xb), axis=-1))
+    out = [np.asarray(fn(params, x[i : i + chunk]), np.float64) for i in range(0, x.shape[0], chunk)]
+    return np.exp(np.concatenate(out)) if out else np.zeros((0, 0))
+
+
+def accuracy(probs: np.ndarray, y) -> float:
+    if len(probs) == 0:
+        return float("nan")
+    return float(np.mean(np.argmax(probs, -1) == np.asarray(y)))
+
+
+def mean_kl(p_ref: np.ndarray, p: np.ndarray, eps: float = 1e-12) -> float:
+    """Mean over examples of ``KL(p_ref || p)``."""
+    p_ref = np.clip(p_ref, eps, 1.0)
+    p = np.clip(p, eps, 1.0)
+    return float(np.mean(np.sum(p_ref * (np.log(p_ref) - np.log(p)), axis=-1)))
+
+
+def agreement(p_ref: np.ndarray, p: np.ndarray) -> float:
+    return float(np.mean(np.argmax(p_ref, -1) == np.argmax(p, -1)))
+
+
+def param_distance(a, b) -> float:
+    return float(jnp.linalg.norm(ravel_pytree(a)[0] - ravel_pytree(b)[0]))
+
+
+def rel_param_error(unlearned, retrained, original) -> float:
+    """``||w_U - w_R|| / ||w* - w_R||``: below 1 is closer to retraining than doing nothing."""
+    return param_distance(unlearned, retrained) / max(param_distance(original, retrained), 1e-30)
