@@ -69,6 +69,9 @@ class MiniConfig:
       chunk: removed examples per vmapped per-example-gradient chunk.
       damping: added to the preconditioner's (and CG operator's) diagonal.
       min_bucket: smallest padded request size.
+      stationary: treat ``w*`` as the exact optimum of the full objective, i.e. subtract its
+        residual gradient ``g* + l2 M w*`` (zero after training to convergence) so that only the
+        removal moves the parameters; matters for models not trained to convergence (SGD/Adam).
     """
 
     curvature: str = "auto"
@@ -78,6 +81,7 @@ class MiniConfig:
     chunk: int = 256
     damping: float = 0.0
     min_bucket: int = 64
+    stationary: bool = True
 
     def __post_init__(self):
         if self.curvature not in ("auto", "ekfac", "lbfgs", "exact"):
@@ -216,8 +220,8 @@ def _solve(objective: Objective, cfg: MiniConfig, kind: str, params, snap_params
         if kind == "lbfgs":
             # rows oldest -> newest
             order = (jnp.arange(K) + snap_count) % K
-            S, Y, ok = cv.secant_pairs(S_all[order], G_all[order], snap_count)
-            B = lambda v: cv.lbfgs_hessian_product(S, Y, ok, v)
+            S, Y, pair_ok = cv.secant_pairs(S_all[order], G_all[order], snap_count)
+            B = lambda v: cv.lbfgs_hessian_product(S, Y, pair_ok, v)
         else:
             keep_all = jnp.ones((n,), dtype)
             B = lambda v: ravel_pytree(cv.ggn_vp(objective, params, x, y, keep_all, unravel(v)))[0]
@@ -233,18 +237,21 @@ def _solve(objective: Objective, cfg: MiniConfig, kind: str, params, snap_params
         L = jnp.where(jnp.isfinite(L) & (L > 0), L, 1.0)
         precond = lambda v: v / L
 
+    # the trained model's own residual gradient (zero for a model trained to convergence): with
+    # `stationary`, w* is treated as the optimum of the full objective, so only the removal moves it
+    shift = (g_star + l2 * m_vec * w0) if cfg.stationary else jnp.zeros_like(w0)
     if kind == "ekfac":
         # Removed examples enter through the same EKFAC model as the full data (their exact
         # gradient at w*, their exact EKFAC terms for curvature): the model Hessian is then
         # the PSD remaining-data EKFAC, never approximate-minus-exact.
-        g_at_w0 = (n * g_star - removed_grad(w0)) / nr + l2 * m_vec * w0
+        g_at_w0 = (n * g_star - removed_grad(w0)) / nr + l2 * m_vec * w0 - shift
         K_rem = lambda v: to_vec(cv.ekfac_product(stats, diag_rem, to_mat(v))) + l2 * m_vec * v
 
         def g_rem(w):
             return g_at_w0 + K_rem(w - w0)
     else:
         def g_rem(w):
-            return (n * (g_star + B(w - w0)) - removed_grad(w)) / nr + l2 * m_vec * w
+            return (n * (g_star + B(w - w0)) - removed_grad(w)) / nr + l2 * m_vec * w - shift
 
     def phi(w):
         return w - precond(g_rem(w))
