@@ -97,8 +97,10 @@ class UnlearnResult(NamedTuple):
 
     ``params`` are the unlearned parameters when ``converged``; on a divergence they are the
     original parameters (never the diverged iterate). ``contraction`` is the estimated factor
-    ``q`` (ratio of the last two step norms) and ``error_bound = q/(1-q) * step_norm`` the
-    a-posteriori bound on the distance to the fixed point (inf when ``q >= 1``).
+    ``q`` (ratio of the last two step norms; for a linear contraction this tends to the true
+    factor from below as the iteration proceeds) and ``error_bound = q/(1-q) * step_norm`` the
+    a-posteriori bound on the distance from the returned fixed-point iterate to the fixed point
+    (inf when ``q >= 1``). It bounds the fixed-point solve only, i.e. before refinement.
     """
 
     params: Params
@@ -263,7 +265,6 @@ def _solve(objective: Objective, cfg: MiniConfig, kind: str, params, snap_params
         k: jax.Array
         w: jax.Array
         step: jax.Array
-        prev: jax.Array
         q: jax.Array
         grow: jax.Array
         status: jax.Array  # -1 running
@@ -274,7 +275,7 @@ def _solve(objective: Objective, cfg: MiniConfig, kind: str, params, snap_params
     def body(s: Loop):
         w_new = phi(s.w)
         step = jnp.linalg.norm(w_new - s.w)
-        q = jnp.where(s.k > 0, step / jnp.maximum(s.prev, 1e-30), 0.0)
+        q = jnp.where(s.k > 0, step / jnp.maximum(s.step, 1e-30), 0.0)
         grow = jnp.where((s.k > 0) & (q >= 1.0), s.grow + 1, 0)
         finite = jnp.all(jnp.isfinite(w_new)) & jnp.isfinite(step)
         k = s.k + 1
@@ -283,10 +284,9 @@ def _solve(objective: Objective, cfg: MiniConfig, kind: str, params, snap_params
                  jnp.where((step <= cfg.tol * scale) & (q < 1.0), CONVERGED,
                  jnp.where(k >= cfg.max_iter, MAX_ITER, -1))))
         w_keep = jnp.where(finite, w_new, s.w)
-        return Loop(k, w_keep, step, s.step, jnp.where(s.k > 0, q, s.q), grow, status.astype(jnp.int32))
+        return Loop(k, w_keep, step, jnp.where(s.k > 0, q, s.q), grow, status.astype(jnp.int32))
 
-    init = Loop(jnp.zeros((), jnp.int32), w0, jnp.asarray(jnp.inf, dtype), jnp.asarray(jnp.inf, dtype),
-                jnp.asarray(0.0, dtype), jnp.zeros((), jnp.int32), jnp.asarray(-1, jnp.int32))
+    init = Loop(jnp.zeros((), jnp.int32), w0, jnp.asarray(jnp.inf, dtype), jnp.asarray(0.0, dtype), jnp.zeros((), jnp.int32), jnp.asarray(-1, jnp.int32))
     fp = jax.lax.while_loop(cond, body, init)
     q = fp.q
     bound = jnp.where(q < 1.0, q / (1.0 - q) * fp.step, jnp.inf)

@@ -1,0 +1,112 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from mini_unlearn_jax import curvature as cv
+from mini_unlearn_jax.data import synthetic
+from mini_unlearn_jax.models import build_model, init_params, make_objective
+
+
+def _quadratic(d, seed=0):
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    eig = np.linspace(0.5, 5.0, d)
+    H = (Q * eig) @ Q.T
+    return jnp.asarray(H, jnp.float32), jnp.asarray(Q.T, jnp.float32)
+
+
+def test_lbfgs_product_equals_exact_hvp_on_quadratic_with_conjugate_pairs():
+    d = 6
+    H, S = _quadratic(d)  # rows of S: eigenvectors, hence H-conjugate directions
+    f = lambda w: 0.5 * w @ H @ w
+    Y = jax.vmap(lambda s: cv.hvp(f, jnp.zeros(d), s))(S)  # secant pairs of the quadratic: y = H s
+    valid = jnp.ones(d, bool)
+    v = jax.random.normal(jax.random.key(1), (d,))
+    Bv = cv.lbfgs_hessian_product(S, Y, valid, v)
+    exact = cv.hvp(f, jnp.ones(d), v)  # jvp-based oracle
+    np.testing.assert_allclose(Bv, exact, rtol=2e-4, atol=2e-4)
+
+
+def test_lbfgs_product_secant_condition_and_invalid_rows_ignored():
+    rng = np.random.default_rng(0)
+    d, m = 10, 4
+    A = rng.normal(size=(d, d))
+    H = jnp.asarray(A @ A.T + np.eye(d), jnp.float32)
+    S = jnp.asarray(rng.normal(size=(m, d)), jnp.float32)
+    Y = S @ H
+    valid = jnp.ones(m, bool)
+    np.testing.assert_allclose(cv.lbfgs_hessian_product(S, Y, valid, S[-1]), Y[-1], rtol=1e-3, atol=1e-3)
+    junk_S = jnp.concatenate([S, 100 * jnp.ones((2, d))])
+    junk_Y = jnp.concatenate([Y, -jnp.ones((2, d))])
+    valid2 = jnp.concatenate([valid, jnp.zeros(2, bool)])
+    v = jnp.asarray(rng.normal(size=d), jnp.float32)
+    np.testing.assert_allclose(cv.lbfgs_hessian_product(junk_S, junk_Y, valid2, v),
+                               cv.lbfgs_hessian_product(S, Y, valid, v), rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def logreg_problem():
+    ds = synthetic(n=200, n_test=50, d=5, classes=3, seed=3)
+    model = build_model("logreg", 3)
+    obj = make_objective(model, 1e-2)
+    params = jax.tree.map(lambda p: p + 0.3, init_params(model, ds.x_train[0], 0))
+    return obj, params, jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
+
+
+def test_ggn_equals_hessian_for_logistic_regression(logreg_problem):
+    obj, params, x, y = logreg_problem
+    w = jnp.ones((x.shape[0],))
+    v = jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size, dtype=p.dtype)).reshape(p.shape), params)
+    ggn = cv.ggn_vp(obj, params, x, y, w, v)
+    exact = cv.hvp(lambda p: obj.data_loss(p, x, y, w), params, v)
+    np.testing.assert_allclose(ravel_pytree(ggn)[0], ravel_pytree(exact)[0], rtol=1e-4, atol=1e-6)
+
+
+def _dense_data_hessian(obj, params, x, y, keep):
+    w0, unravel = ravel_pytree(params)
+    f = lambda w: obj.data_loss(unravel(w), x, y, keep)
+    return jax.hessian(f)(w0), unravel
+
+
+def test_ekfac_diagonal_is_exact_in_kronecker_basis_and_removal_is_exact(logreg_problem):
+    obj, params, x, y = logreg_problem
+    probs = jax.nn.softmax(obj.apply_fn(params, x))
+    stats = cv.ekfac_fit(x, probs)
+    n = x.shape[0]
+    Hd, unravel = _dense_data_hessian(obj, params, x, y, jnp.ones(n))
+    # columns of the Kronecker basis, as flat parameter vectors
+    d1, C = stats.diag.shape
+    to_vec = lambda m: ravel_pytree(cv.logreg_params(m))[0]
+    diag_exact = np.zeros((d1, C))
+    for j in range(d1):
+        for k in range(C):
+            u = to_vec(jnp.outer(stats.UA[:, j], stats.UG[:, k]))
+            diag_exact[j, k] = u @ Hd @ u
+    np.testing.assert_allclose(stats.diag, diag_exact, rtol=1e-3, atol=1e-6)
+    # removing examples: full stats minus the removed terms equals stats fitted on the rest
+    rem = jnp.arange(0, n, 3)
+    mask = jnp.ones(rem.shape[0])
+    keep = np.ones(n, bool)
+    keep[np.asarray(rem)] = False
+    diag_rem = (n * stats.diag - cv.ekfac_removed_sum(stats, x[rem], probs[rem], mask)) / keep.sum()
+    z2, q = cv._ekfac_terms(stats, cv.with_bias(x[keep]), probs[keep])
+    np.testing.assert_allclose(diag_rem, z2.T @ q / keep.sum(), rtol=1e-3, atol=1e-6)
+    assert float(jnp.min(diag_rem)) >= 0.0
+
+
+def test_ekfac_solve_inverts_product(logreg_problem):
+    obj, params, x, _ = logreg_problem
+    stats = cv.ekfac_fit(x, jax.nn.softmax(obj.apply_fn(params, x)))
+    m = jax.random.normal(jax.random.key(0), stats.diag.shape)
+    back = cv.ekfac_solve(stats, stats.diag, 0.1, cv.ekfac_product(stats, stats.diag, m) + 0.1 * m)
+    np.testing.assert_allclose(back, m, rtol=1e-3, atol=1e-4)
+
+
+def test_pcg_solves_spd_system_and_stops():
+    H, _ = _quadratic(8, seed=2)
+    b = jnp.arange(8.0)
+    x, rel, used = cv.pcg(lambda v: H @ v, b, jnp.zeros(8), lambda v: v, iters=50)
+    np.testing.assert_allclose(H @ x, b, rtol=1e-4, atol=1e-4)
+    assert float(rel) < 1e-5 and int(used) <= 50

@@ -1,0 +1,174 @@
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from mini_unlearn_jax import curvature as cv
+from mini_unlearn_jax import methods as M
+from mini_unlearn_jax import unlearn as ul
+from mini_unlearn_jax.data import synthetic
+from mini_unlearn_jax.metrics import mean_kl, predict_probs, rel_param_error
+from mini_unlearn_jax.models import Objective, build_model, init_params, make_objective
+from mini_unlearn_jax.snapshots import snapshot_buffer
+from mini_unlearn_jax.training import TrainConfig, Trainer, default_config
+
+# -- a strongly convex quadratic: ridge regression with an unpenalized bias ---------------
+
+
+def _ridge():
+    rng = np.random.default_rng(0)
+    n, d = 120, 4
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    y = (x @ rng.normal(size=d) + 0.3 * rng.normal(size=n)).astype(np.float32)
+    model = nn.Dense(1)
+    obj = Objective(apply_fn=lambda p, xb: model.apply({"params": p}, xb),
+                    example_loss=lambda z, t: 0.5 * (z[0] - t) ** 2, l2=0.5)
+    params0 = model.init(jax.random.key(0), x[:1])["params"]
+    return obj, params0, x, y
+
+
+def _ridge_solution(x, y, keep, l2):
+    """Closed-form minimizer of mean 0.5 (x w + b - y)^2 + l2/2 ||w||^2 (independent oracle)."""
+    xs, ys = x[keep].astype(np.float64), y[keep].astype(np.float64)
+    m = xs.shape[0]
+    X1 = np.concatenate([xs, np.ones((m, 1))], 1)
+    reg = np.diag([l2] * xs.shape[1] + [0.0])
+    sol = np.linalg.solve(X1.T @ X1 / m + reg, X1.T @ ys / m)
+    return sol
+
+
+def test_fixed_point_converges_to_retrained_minimizer_and_bound_holds():
+    obj, params0, x, y = _ridge()
+    cfg = TrainConfig(optimizer="lbfgs", steps=300, tol=1e-6, snapshots=4)
+    state = Trainer(obj, cfg).fit(params0, x, y)
+    forget = np.arange(0, 120, 3)  # 33% removal
+    keep = np.ones(120, bool)
+    keep[forget] = False
+    w_r = _ridge_solution(x, y, keep, obj.l2)
+    for max_iter in (8, 400):  # mid-way and at convergence
+        res = ul.unlearn(obj, state.params, state.snapshots, x, y, forget,
+                         config=ul.MiniConfig(curvature="exact", refine_passes=0, tol=1e-7, max_iter=max_iter))
+        w = np.concatenate([np.asarray(res.params["kernel"])[:, 0], np.asarray(res.params["bias"])])
+        err = np.linalg.norm(w - w_r)
+        assert 0.0 < float(res.contraction) < 1.0
+        assert err <= float(res.error_bound) * 1.05 + 1e-5, (max_iter, err, float(res.error_bound))
+    assert bool(res.converged) and int(res.status) == ul.CONVERGED
+    assert err < 1e-4
+
+
+@pytest.fixture(scope="module")
+def logreg():
+    ds = synthetic(n=600, n_test=300, d=8, classes=3, seed=1, sep=1.0)
+    model = build_model("logreg", 3)
+    obj = make_objective(model, 1e-2)
+    cfg = default_config("logreg", ds.n_train)
+    p0 = init_params(model, ds.x_train[0], 0)
+    st = Trainer(obj, cfg).fit(p0, ds.x_train, ds.y_train)
+    stats = cv.fit_stats(obj, st.params, ds.x_train)
+    problem = M.Problem(obj, cfg, p0, st.params, st.snapshots, stats, jnp.asarray(ds.x_train), jnp.asarray(ds.y_train))
+    return ds, problem
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.5])
+def test_mini_is_close_to_retraining_at_high_ratios(logreg, ratio):
+    ds, problem = logreg
+    rng = np.random.default_rng(0)
+    forget = rng.choice(ds.n_train, int(ratio * ds.n_train), replace=False)
+    ret = M.run_method("retrain", problem, forget)
+    p_ret = predict_probs(problem.objective, ret.params, ds.x_test)
+    kl_orig = mean_kl(p_ret, predict_probs(problem.objective, problem.params, ds.x_test))
+    for name, rel_max, kl_max in (("mini", 0.5, 0.1), ("mini-lite", 0.8, 1.0)):
+        out = M.run_method(name, problem, forget)
+        assert out.converged, out.reason
+        chex.assert_tree_all_finite(out.params)
+        rel = rel_param_error(out.params, ret.params, problem.params)
+        kl = mean_kl(p_ret, predict_probs(problem.objective, out.params, ds.x_test))
+        assert rel < rel_max, (name, rel)
+        assert kl < kl_max * kl_orig, (name, kl, kl_orig)
+        assert out.info["contraction"] < 1.0
+
+
+def test_retrain_matches_sklearn_logistic_regression():
+    from sklearn.linear_model import LogisticRegression
+
+    ds = synthetic(n=300, n_test=200, d=5, classes=3, seed=4, sep=1.0)
+    l2 = 1e-2
+    model = build_model("logreg", 3)
+    obj = make_objective(model, l2)
+    cfg = TrainConfig(optimizer="lbfgs", steps=500, tol=1e-7)
+    forget = np.arange(0, 300, 4)
+    keep = np.ones(300, bool)
+    keep[forget] = False
+    p0 = init_params(model, ds.x_train[0], 0)
+    problem = M.Problem(obj, cfg, p0, p0, None, None, jnp.asarray(ds.x_train), jnp.asarray(ds.y_train))
+    ret = M.run_method("retrain", problem, forget)
+    sk = LogisticRegression(C=1.0 / (l2 * keep.sum()), tol=1e-10, max_iter=5000).fit(ds.x_train[keep], ds.y_train[keep])
+    p_sk = sk.predict_proba(ds.x_test)
+    p_ours = predict_probs(obj, ret.params, ds.x_test)
+    assert mean_kl(p_sk, p_ours) < 1e-4
+
+
+def test_divergence_is_reported_and_original_params_returned(logreg):
+    ds, problem = logreg
+    # a deliberately wrong quasi-Hessian: secant pairs with 1e-4 of the true curvature, so the
+    # modelled remaining-data Hessian (n B - H_R)/(n - r) is indefinite at 50% removal
+    snaps = problem.snapshots
+    K = snaps.steps.shape[0]
+    w_star = jax.tree.map(lambda a: a[(int(snaps.count) - 1) % K], snaps.params)
+    g_star = jax.tree.map(lambda a: a[(int(snaps.count) - 1) % K], snaps.grads)
+    buf = snapshot_buffer(K)
+    bad = buf.init(problem.params)
+    for k in range(K):
+        shift = jax.tree.map(lambda p: p + 0.1 * (K - k), w_star)
+        bad = buf.update(bad, k, shift, jax.tree.map(lambda g, s, w: g + 1e-4 * (s - w), g_star, shift, w_star))
+    bad = buf.update(bad, K, w_star, g_star, force=True)
+    forget = np.arange(0, ds.n_train, 2)
+    res = ul.unlearn(problem.objective, problem.params, bad, problem.x, problem.y, forget,
+                     config=ul.MiniConfig(curvature="lbfgs", refine_passes=2))
+    assert not bool(res.converged)
+    assert int(res.status) in (ul.EXPANDING, ul.NONFINITE)
+    np.testing.assert_array_equal(ravel_pytree(res.params)[0], ravel_pytree(problem.params)[0])
+    assert "not contractive" in res.reason() or "NaN" in res.reason()
+
+
+def test_nan_in_removed_examples_is_caught(logreg):
+    ds, problem = logreg
+    x = np.array(ds.x_train)
+    x[5, 0] = np.nan
+    res = ul.unlearn(problem.objective, problem.params, problem.snapshots, jnp.asarray(x), problem.y, [5, 6, 7],
+                     stats=problem.stats, config=ul.MiniConfig(refine_passes=0))
+    assert not bool(res.converged)
+    chex.assert_tree_all_finite(res.params)
+
+
+def test_no_recompilation_within_a_bucket_and_vmapped_requests_match(logreg):
+    ds, problem = logreg
+    cfg = ul.MiniConfig(refine_passes=2, min_bucket=128)
+    args = (problem.objective, problem.params, problem.snapshots, problem.x, problem.y)
+    ul.unlearn(*args, np.arange(70), stats=problem.stats, config=cfg)  # bucket 128
+    before = ul._solve_jit._cache_size()
+    r1 = ul.unlearn(*args, np.arange(100, 200), stats=problem.stats, config=cfg)  # 100 -> same bucket
+    r2 = ul.unlearn(*args, np.arange(300, 427), stats=problem.stats, config=cfg)  # 127 -> same bucket
+    assert ul._solve_jit._cache_size() == before
+    many = ul.unlearn_many(*args, [np.arange(100, 200), np.arange(300, 427)], stats=problem.stats, config=cfg)
+    for i, single in enumerate((r1, r2)):
+        np.testing.assert_allclose(ravel_pytree(jax.tree.map(lambda a, i=i: a[i], many.params))[0],
+                                   ravel_pytree(single.params)[0], rtol=1e-4, atol=1e-5)
+    assert bool(np.all(many.converged))
+
+
+@pytest.mark.parametrize("bad,msg", [
+    ([], "empty"), ([1, 1, 2], "duplicates"), ([-1, 3], "lie in"), ([0, 600], "lie in"),
+    ([0.5, 2.0], "integers"), (np.arange(600), "all 600"), ([[1, 2]], "1-D"),
+])
+def test_bad_forget_indices_are_rejected(bad, msg):
+    with pytest.raises(ValueError, match=msg):
+        ul.validate_indices(bad, 600)
+
+
+def test_bucket_sizes():
+    assert ul.bucket_size(1, 64) == 64 and ul.bucket_size(64, 64) == 64
+    assert ul.bucket_size(65, 64) == 128 and ul.bucket_size(3000, 64) == 4096
