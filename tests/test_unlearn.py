@@ -122,7 +122,7 @@ def test_divergence_is_reported_and_original_params_returned(logreg):
     buf = snapshot_buffer(K)
     bad = buf.init(problem.params)
     for k in range(K):
-        shift = jax.tree.map(lambda p: p + 0.1 * (K - k), w_star)
+        shift = jax.tree.map(lambda p, k=k: p + 0.1 * (K - k), w_star)
         bad = buf.update(bad, k, shift, jax.tree.map(lambda g, s, w: g + 1e-4 * (s - w), g_star, shift, w_star))
     bad = buf.update(bad, K, w_star, g_star, force=True)
     forget = np.arange(0, ds.n_train, 2)
