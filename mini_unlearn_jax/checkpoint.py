@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -116,6 +117,9 @@ def save_run(path: str | os.PathLike, *, params, opt_state, snapshots, stats, re
 
 def _move_into_place(tmp: Path, path: Path) -> None:
     """Rename a complete directory ``tmp`` to ``path``, replacing what is there."""
+    pause = os.environ.get("MINI_UNLEARN_TEST_PAUSE_BEFORE_RENAME")  # lets a test kill us mid-save
+    if pause:
+        time.sleep(float(pause))
     if path.exists():
         trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
         os.replace(path, trash / "old")

@@ -255,7 +255,9 @@ def _tfds_arrays(name: str, split: str):
         else:  # e.g. HIGGS: one scalar feature per key, label under class_label
             keys = sorted(k for k in ex if k not in ("label", "class_label"))
             x = np.stack([np.asarray(ex[k], np.float32) for k in keys], axis=-1)
-        y = ex["label"] if "label" in ex else ex["class_label"]
+        y = np.asarray(ex["label"] if "label" in ex else ex["class_label"])
+        if name == "higgs" and np.issubdtype(y.dtype, np.floating):
+            y = (y > 0.5).astype(np.int64)  # HIGGS stores its binary label as float 0.0/1.0
         xs.append(np.asarray(x, np.float32).reshape(len(y), -1))
         ys.append(np.asarray(y))
     return np.concatenate(xs), np.concatenate(ys)

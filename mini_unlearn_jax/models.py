@@ -78,6 +78,10 @@ class Objective:
       l2_mask: ``params -> pytree of bools`` selecting the penalized leaves.
       kind: ``"logreg"`` when the model is a single dense layer on the raw inputs
         (unlocks exact closed-form curvature), anything else otherwise.
+      canonicalize: optional ``params -> params`` mapping to a canonical representative of a
+        set of parameters with identical outputs and objective (softmax regression: the
+        unpenalized bias is defined only up to a constant shift, so it is centred). Training
+        applies it to the final parameters so that parameter distances are meaningful.
     """
 
     apply_fn: Callable[[Params, Array], Array]
@@ -85,6 +89,7 @@ class Objective:
     l2: float = 0.0
     l2_mask: Callable[[Params], Params] = kernel_mask
     kind: str = "generic"
+    canonicalize: Callable[[Params], Params] | None = None
 
     # -- per example ---------------------------------------------------------
     def loss_one(self, params: Params, x: Array, y: Array) -> Array:
@@ -122,12 +127,20 @@ class Objective:
 
 def make_objective(model: nn.Module, l2: float, *, example_loss=cross_entropy, l2_mask=kernel_mask) -> Objective:
     """Wrap a flax module (called as ``model.apply({'params': p}, x)``) into an :class:`Objective`."""
-    kind = "logreg" if isinstance(model, LogisticRegression) else "generic"
+    is_logreg = isinstance(model, LogisticRegression)
 
     def apply_fn(params, x):
         return model.apply({"params": params}, x)
 
-    return Objective(apply_fn=apply_fn, example_loss=example_loss, l2=float(l2), l2_mask=l2_mask, kind=kind)
+    return Objective(apply_fn=apply_fn, example_loss=example_loss, l2=float(l2), l2_mask=l2_mask,
+                     kind="logreg" if is_logreg else "generic",
+                     canonicalize=center_softmax_bias if is_logreg and example_loss is cross_entropy else None)
+
+
+def center_softmax_bias(params: Params) -> Params:
+    """Shift the output bias to mean zero (softmax outputs and the objective are unchanged)."""
+    dense = params["Dense_0"]
+    return {**params, "Dense_0": {**dense, "bias": dense["bias"] - jnp.mean(dense["bias"])}}
 
 
 def build_model(name: str, num_classes: int, *, hidden: int = 256) -> nn.Module:

@@ -207,6 +207,8 @@ class Trainer:
                 raise FloatingPointError(f"{label}: training diverged (gradient norm {gn}); lower the learning rate")
             if cfg.batch_size is None and gn < cfg.tol:
                 break
+        if self.objective.canonicalize is not None:
+            state = state._replace(params=self.objective.canonicalize(state.params))
         g = self._call("grad", self._full_grad, state.params, x, y, weights)
         snaps = self.buffer.update(state.snapshots, state.step, state.params, g, force=True)
         full = jax.tree.map(jnp.add, g, self.objective.penalty_grad(state.params))

@@ -314,8 +314,11 @@ def _solve(objective: Objective, cfg: MiniConfig, kind: str, params, snap_params
         w_out = jnp.where(ok, w_out, w0)
 
     converged = (status == CONVERGED)
+    out_params = unravel(w_out)
+    if objective.canonicalize is not None:
+        out_params = objective.canonicalize(out_params)
     return UnlearnResult(
-        params=unravel(w_out),
+        params=out_params,
         converged=converged,
         status=status.astype(jnp.int32),
         iterations=fp.k,

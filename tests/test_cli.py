@@ -1,0 +1,223 @@
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mini_unlearn_jax import methods as M
+from mini_unlearn_jax.checkpoint import is_run, load_run
+from mini_unlearn_jax.cli import main
+
+SPEC = "synthetic:n=300,n_test=100,d=6,classes=3,seed=3"
+
+
+def tree_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        h.update(str(p.relative_to(path)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "trained"
+    assert main(["train", "--data", SPEC, "--model", "logreg", "--l2", "1e-2", "--out", str(out)]) == 0
+    return out
+
+
+def test_train_writes_a_loadable_run(run_dir):
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["kind"] == "trained" and meta["n_train"] == 300 and meta["final_grad_norm"] < 1e-4
+    assert meta["snapshot_buffer_bytes"] > 0 and meta["curvature_stats_bytes"] > 0
+    run = load_run(run_dir)
+    assert run.removed.size == 0 and run.stats is not None
+
+
+def test_unlearn_end_to_end_with_compare_and_export(run_dir, tmp_path, capsys):
+    before = tree_digest(run_dir)
+    out = tmp_path / "u"
+    probs = tmp_path / "p.npz"
+    rc = main(["unlearn", "--run", str(run_dir), "--method", "mini", "--ratio", "0.3", "--seed", "1",
+               "--compare-retrain", "--out", str(out), "--export-probs", str(probs)])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    for key in ("method", "ratio", "n_train", "n_removed", "time_s", "compile_s", "test_acc", "forget_acc",
+                "retain_acc", "converged", "retrain_time_s", "rel_param_error", "kl_test", "kl_forget",
+                "agreement_test"):
+        assert key in report, key
+    assert report["converged"] and report["n_removed"] == 90 and report["n_train"] == 300
+    assert report["rel_param_error"] < 1.0 and report["kl_test"] < report["original_kl_test"]
+    z = np.load(probs)
+    assert z["test"].shape == (100, 3) and z["forget"].shape == (90, 3) and z["forget_indices"].shape == (90,)
+    np.testing.assert_allclose(z["test"].sum(1), 1.0, rtol=1e-5)
+    assert tree_digest(run_dir) == before  # the trained run is never modified
+    assert is_run(out) and load_run(out).removed.size == 90
+    # same --ratio and --seed draw the same forget set
+    out2 = tmp_path / "u2"
+    assert main(["unlearn", "--run", str(run_dir), "--method", "retrain", "--ratio", "0.3", "--seed", "1",
+                 "--out", str(out2)]) == 0
+    np.testing.assert_array_equal(load_run(out2).removed, load_run(out).removed)
+
+
+def test_restore_in_a_separate_process(run_dir, tmp_path):
+    forget = tmp_path / "f.npy"
+    np.save(forget, np.array([3, 10, 200], np.int64))
+    out = tmp_path / "sub"
+    proc = subprocess.run([sys.executable, "-m", "mini_unlearn_jax", "unlearn", "--run", str(run_dir), "--method",
+                           "mini", "--forget", str(forget), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_removed"] == 3 and report["converged"]
+
+
+def test_sequential_requests_and_ledger(run_dir, tmp_path, capsys):
+    first = tmp_path / "first"
+    np.save(tmp_path / "a.npy", np.arange(0, 30))
+    np.save(tmp_path / "b.npy", np.arange(25, 60))
+    np.save(tmp_path / "c.npy", np.arange(30, 60))
+    assert main(["unlearn", "--run", str(run_dir), "--method", "mini", "--forget", str(tmp_path / "a.npy"),
+                 "--out", str(first)]) == 0
+    capsys.readouterr()
+    rc = main(["unlearn", "--run", str(first), "--method", "mini", "--forget", str(tmp_path / "b.npy"),
+               "--out", str(tmp_path / "second")])
+    assert rc == 1 and "already removed" in capsys.readouterr().err
+    assert not (tmp_path / "second").exists()
+    assert main(["unlearn", "--run", str(first), "--method", "mini", "--forget", str(tmp_path / "c.npy"),
+                 "--out", str(tmp_path / "second")]) == 0
+    run = load_run(tmp_path / "second")
+    np.testing.assert_array_equal(np.sort(run.removed), np.arange(60))
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "second")]) == 0
+    text = capsys.readouterr().out
+    assert "2 request(s), 60 examples removed" in text
+
+
+def _err(capsys, argv):
+    rc = main(argv)
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--method", "bogus", "--ratio", "0.1"], "unknown --method"),
+    (["--method", "mini"], "exactly one of --ratio"),
+    (["--method", "mini", "--ratio", "0.1", "--forget", "x.npy"], "exactly one of --ratio"),
+    (["--method", "mini", "--ratio", "0"], "strictly between 0 and 1"),
+    (["--method", "mini", "--ratio", "1.0"], "strictly between 0 and 1"),
+    (["--method", "mini", "--ratio", "-0.2"], "strictly between 0 and 1"),
+    (["--method", "mini", "--forget", "missing.npy"], "not found"),
+])
+def test_unlearn_bad_arguments(run_dir, tmp_path, capsys, extra, msg):
+    out = tmp_path / "o"
+    rc, err = _err(capsys, ["unlearn", "--run", str(run_dir), "--out", str(out)] + extra)
+    assert rc == 1 and msg in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content,msg", [
+    (np.array([1, 1, 2]), "duplicates"), (np.array([-3]), "lie in"), (np.array([300]), "lie in"),
+    (np.array([0.5]), "integers"), (np.array([], np.int64), "empty"), (np.arange(300), "all 300"),
+])
+def test_unlearn_bad_forget_files(run_dir, tmp_path, capsys, content, msg):
+    f = tmp_path / "f.npy"
+    np.save(f, content)
+    rc, err = _err(capsys, ["unlearn", "--run", str(run_dir), "--method", "mini", "--forget", str(f), "--out", str(tmp_path / "o")])
+    assert rc == 1 and msg in err and not (tmp_path / "o").exists()
+
+
+def test_pickled_forget_file_is_refused(run_dir, tmp_path, capsys):
+    f = tmp_path / "f.npy"
+    np.save(f, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    rc, err = _err(capsys, ["unlearn", "--run", str(run_dir), "--method", "mini", "--forget", str(f), "--out", str(tmp_path / "o")])
+    assert rc == 1 and "not a readable .npy" in err
+
+
+def test_existing_outputs_are_protected(run_dir, tmp_path, capsys):
+    rc, err = _err(capsys, ["train", "--data", SPEC, "--model", "logreg", "--out", str(run_dir)])
+    assert rc == 1 and "never overwritten" in err
+    out = tmp_path / "o"
+    assert main(["unlearn", "--run", str(run_dir), "--method", "mini", "--ratio", "0.1", "--out", str(out)]) == 0
+    capsys.readouterr()
+    rc, err = _err(capsys, ["unlearn", "--run", str(run_dir), "--method", "mini", "--ratio", "0.2", "--out", str(out)])
+    assert rc == 1 and "--overwrite" in err
+    assert load_run(out).removed.size == 30
+    assert main(["unlearn", "--run", str(run_dir), "--method", "mini", "--ratio", "0.2", "--out", str(out), "--overwrite"]) == 0
+    assert load_run(out).removed.size == 60
+    rc, err = _err(capsys, ["unlearn", "--run", str(run_dir), "--method", "mini", "--ratio", "0.2", "--out", str(run_dir / "x")])
+    assert rc == 1 and "never modified" in err
+
+
+def test_data_fingerprint_mismatch_is_refused(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    arrays = dict(x_train=rng.normal(size=(60, 3)), y_train=rng.integers(0, 2, 60),
+                  x_test=rng.normal(size=(20, 3)), y_test=rng.integers(0, 2, 20))
+    path = tmp_path / "d.npz"
+    np.savez(path, **arrays)
+    run = tmp_path / "r"
+    assert main(["train", "--data", f"npz:{path}", "--model", "logreg", "--out", str(run)]) == 0
+    arrays["x_train"][0, 0] += 1.0
+    np.savez(path, **arrays)
+    capsys.readouterr()
+    rc, err = _err(capsys, ["unlearn", "--run", str(run), "--method", "mini", "--ratio", "0.1", "--out", str(tmp_path / "o")])
+    assert rc == 1 and "fingerprint mismatch" in err
+
+
+def test_missing_and_corrupted_checkpoints(run_dir, tmp_path, capsys):
+    import shutil
+
+    rc, err = _err(capsys, ["unlearn", "--run", str(tmp_path / "nope"), "--method", "mini", "--ratio", "0.1", "--out", str(tmp_path / "o")])
+    assert rc == 1 and "does not exist" in err
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir, broken)
+    victims = [p for p in (broken / "ckpt").rglob("*") if p.is_file() and p.stat().st_size > 0 and "state" in str(p)]
+    assert victims
+    for p in victims:
+        p.write_bytes(p.read_bytes()[: max(1, p.stat().st_size // 3)])
+    rc, err = _err(capsys, ["unlearn", "--run", str(broken), "--method", "mini", "--ratio", "0.1", "--out", str(tmp_path / "o")])
+    assert rc == 1 and ("truncated or corrupted" in err or "corrupted" in err)
+    (broken / "run.json").write_text("{not json")
+    rc, err = _err(capsys, ["unlearn", "--run", str(broken), "--method", "mini", "--ratio", "0.1", "--out", str(tmp_path / "o")])
+    assert rc == 1 and "corrupted" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_converged_result_exits_2_and_saves_no_model(run_dir, tmp_path, monkeypatch, capsys):
+    real = M.run_method
+
+    def failing(name, problem, forget, **kw):
+        out = real(name, problem, forget, **kw)
+        return out._replace(converged=False, reason="the map is not contractive here (test)", params=problem.params)
+
+    monkeypatch.setattr(M, "run_method", failing)
+    out = tmp_path / "o"
+    rc = main(["unlearn", "--run", str(run_dir), "--method", "mini", "--ratio", "0.1", "--out", str(out)])
+    assert rc == 2
+    report = json.loads((out / "report.json").read_text())
+    assert report["converged"] is False and "not contractive" in report["reason"]
+    assert not is_run(out) and not (out / "ckpt").exists()
+
+
+def test_interrupted_unlearn_leaves_no_valid_result(run_dir, tmp_path):
+    """Kill `unlearn` while it saves: the output directory never appears half-written."""
+    out = tmp_path / "killed"
+    env = dict(os.environ, MINI_UNLEARN_TEST_PAUSE_BEFORE_RENAME="30")
+    proc = subprocess.Popen([sys.executable, "-m", "mini_unlearn_jax", "unlearn", "--run", str(run_dir), "--method",
+                             "mini", "--ratio", "0.1", "--out", str(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    import time
+
+    deadline = time.time() + 240
+    partial = []
+    while time.time() < deadline and not partial:
+        partial = [p for p in tmp_path.glob(".killed.partial-*") if (p / "run.json").exists()]
+        time.sleep(0.2)
+    assert partial, "the save never reached the rename step"
+    proc.kill()
+    proc.wait()
+    assert not out.exists() and not is_run(out)
