@@ -1,14 +1,27 @@
-"""mini-unlearn-jax: machine unlearning with minimal gradient snapshots, in JAX."""
+"""mini-unlearn-jax: machine unlearning with minimal gradient snapshots, in JAX.
 
+The functional API: build an :class:`Objective` (``make_objective``), train with :class:`Trainer`
+(which threads a :class:`SnapshotState` buffer through the loop), save curvature statistics
+with :func:`fit_stats`, and remove examples with :func:`unlearn` / :func:`unlearn_many`.
+"""
+
+from .curvature import EKFAC, fit_stats
 from .data import DataError, Dataset, load_dataset
+from .methods import METHODS, MethodOutput, Problem, run_method
+from .metrics import agreement, mean_kl, predict_probs, rel_param_error
 from .models import MLP, LogisticRegression, Objective, build_model, init_params, make_objective
 from .snapshots import SnapshotBuffer, SnapshotState, snapshot_buffer
 from .training import TrainConfig, Trainer, TrainState, default_config, train
+from .mini import MiniConfig, UnlearnResult, unlearn, unlearn_many
 
 __all__ = [
-    "Dataset", "DataError", "load_dataset",
+    "EKFAC", "fit_stats",
+    "DataError", "Dataset", "load_dataset",
+    "METHODS", "MethodOutput", "Problem", "run_method",
+    "agreement", "mean_kl", "predict_probs", "rel_param_error",
     "MLP", "LogisticRegression", "Objective", "build_model", "init_params", "make_objective",
     "SnapshotBuffer", "SnapshotState", "snapshot_buffer",
     "TrainConfig", "Trainer", "TrainState", "default_config", "train",
+    "MiniConfig", "UnlearnResult", "unlearn", "unlearn_many",
 ]
 __version__ = "0.1.0"

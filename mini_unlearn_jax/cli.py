@@ -104,7 +104,7 @@ def cmd_train(args) -> int:
 
 
 def load_forget(args, n_original: int, removed: np.ndarray) -> np.ndarray:
-    from .unlearn import validate_indices
+    from .mini import validate_indices
 
     if (args.ratio is None) == (args.forget is None):
         raise UsageError("give exactly one of --ratio FLOAT or --forget FILE.npy")

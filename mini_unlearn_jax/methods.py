@@ -23,7 +23,7 @@ from jax.flatten_util import ravel_pytree
 
 from . import curvature as cv
 from . import deltagrad as dg
-from . import unlearn as ul
+from . import mini as ul
 from .models import Objective
 from .training import TrainConfig, Trainer
 

@@ -8,7 +8,7 @@ from jax.flatten_util import ravel_pytree
 
 from mini_unlearn_jax import curvature as cv
 from mini_unlearn_jax import methods as M
-from mini_unlearn_jax import unlearn as ul
+from mini_unlearn_jax import mini as ul
 from mini_unlearn_jax.data import synthetic
 from mini_unlearn_jax.metrics import mean_kl, predict_probs, rel_param_error
 from mini_unlearn_jax.models import Objective, build_model, init_params, make_objective
