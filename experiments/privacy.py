@@ -45,6 +45,7 @@ METHODS = ("mini", "mini-lite", "mini-plus", "newton", "finetune", "neggrad")
 ATTACKS = ("loss", "lira_online")
 ATTACK_LABEL = {"loss": "loss", "lira_online": "LiRA online"}
 TOL = 0.02
+BROKEN_DROP = 0.05  # test accuracy this far below retrain's marks a destroyed model
 
 
 def log(msg: str) -> None:
@@ -122,7 +123,9 @@ def table(results: dict, args: argparse.Namespace, command: str) -> str:
         "",
         "AUC = ROC AUC (±: Hanley-McNeil standard error), adv = max |TPR - FPR|, TPR@1% = TPR at 1% FPR. "
         "Gap = method AUC - reference AUC (reference: retrain; deltagrad: its own retrain) with a 95% "
-        f"paired bootstrap interval ({args.boot} resamples). 'within {TOL}': |gap| <= {TOL}.",
+        f"paired bootstrap interval ({args.boot} resamples). 'within {TOL}': |gap| <= {TOL}. A model whose "
+        f"test accuracy is more than {BROKEN_DROP:.0%} below the retrained model's is marked broken: its AUC "
+        "can sit near the reference only because it no longer fits anything.",
         "",
     ]
     for rkey, r in results["ratios"].items():
@@ -154,7 +157,11 @@ def table(results: dict, args: argparse.Namespace, command: str) -> str:
                 (abs(row["gaps"][att]["gap"]), n) for n, row in r["models"].items()
                 if att in row.get("gaps", {}) and n not in ("original", "deltagrad-original")
             )
-            rank = ", ".join(f"{n} {v:.3f}" for v, n in closer)
+            ref_acc = r["models"]["retrain"]["test_acc"]
+            broken = {n for n, row in r["models"].items() if row["test_acc"] < ref_acc - BROKEN_DROP}
+            rank = ", ".join(f"{n} {v:.3f}" + (" (broken model: test acc "
+                                                 f"{r['models'][n]['test_acc']:.3f})" if n in broken else "")
+                             for v, n in closer)
             verdict = f"within {TOL}" if ok else f"NOT within {TOL} (by {abs(g['gap']) - TOL:.3f})"
             lines.append(f"- {float(rkey):.0%}, {ATTACK_LABEL[att]}: mini gap {g['gap']:+.3f} "
                          f"[{g['lo']:+.3f}, {g['hi']:+.3f}] -> {verdict}; |gap| by method: {rank}.")

@@ -9,10 +9,10 @@ from .curvature import EKFAC, fit_stats
 from .data import DataError, Dataset, load_dataset
 from .methods import METHODS, MethodOutput, Problem, run_method
 from .metrics import agreement, mean_kl, predict_probs, rel_param_error
+from .mini import MiniConfig, UnlearnResult, unlearn, unlearn_many
 from .models import MLP, LogisticRegression, Objective, build_model, init_params, make_objective
 from .snapshots import SnapshotBuffer, SnapshotState, snapshot_buffer
 from .training import TrainConfig, Trainer, TrainState, default_config, train
-from .mini import MiniConfig, UnlearnResult, unlearn, unlearn_many
 
 __all__ = [
     "EKFAC", "fit_stats",
