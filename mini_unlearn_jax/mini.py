@@ -341,6 +341,24 @@ def _solve_many(objective, cfg, kind, params, sp, sg, sc, stats, x, y, idx, mask
 _solve_many_jit = jax.jit(_solve_many, static_argnums=(0, 1, 2))
 
 
+def _check_inputs(params, snapshots: SnapshotState, x, y, stats) -> int:
+    """Validate shapes before tracing; returns n. Raises ValueError naming the problem."""
+    if np.ndim(x) < 2 or np.ndim(y) != 1 or np.shape(x)[0] != np.shape(y)[0]:
+        raise ValueError(f"x must be [n, features...] and y [n] with the same n; got {np.shape(x)} and {np.shape(y)}")
+    if int(snapshots.count) < 1:
+        raise ValueError("the snapshot buffer is empty: train with Trainer.fit (it records the final parameters)")
+    p_struct = jax.tree.structure(params)
+    if jax.tree.structure(snapshots.params) != p_struct:
+        raise ValueError("the snapshot buffer was recorded for a different parameter structure than `params`")
+    for p, sp in zip(jax.tree.leaves(params), jax.tree.leaves(snapshots.params), strict=True):
+        if np.shape(sp)[1:] != np.shape(p):
+            raise ValueError(f"snapshot leaf shape {np.shape(sp)[1:]} does not match parameter shape {np.shape(p)}")
+    if stats is not None and np.shape(stats.UA)[0] != int(np.prod(np.shape(x)[1:])) + 1:
+        raise ValueError(f"EKFAC statistics are for {np.shape(stats.UA)[0] - 1} features, the data has "
+                         f"{int(np.prod(np.shape(x)[1:]))}; refit them with fit_stats on this data")
+    return int(np.shape(x)[0])
+
+
 def unlearn(objective: Objective, params: Params, snapshots: SnapshotState, x, y, forget, *,
             stats: cv.EKFAC | None = None, config: MiniConfig = MiniConfig()) -> UnlearnResult:
     """Remove the training examples ``forget`` (indices into ``x``/``y``) from a trained model.
@@ -355,7 +373,7 @@ def unlearn(objective: Objective, params: Params, snapshots: SnapshotState, x, y
       stats: EKFAC statistics saved at training time (logistic regression).
       config: :class:`MiniConfig`.
     """
-    n = int(np.shape(x)[0])
+    n = _check_inputs(params, snapshots, x, y, stats)
     idx, mask = pad_request(forget, n, config.min_bucket)
     kind = _resolve_curvature(objective, config, stats)
     return _solve_jit(objective, config, kind, params, snapshots.params, snapshots.grads, snapshots.count,
@@ -365,7 +383,9 @@ def unlearn(objective: Objective, params: Params, snapshots: SnapshotState, x, y
 def unlearn_many(objective: Objective, params: Params, snapshots: SnapshotState, x, y, requests, *,
                  stats: cv.EKFAC | None = None, config: MiniConfig = MiniConfig()) -> UnlearnResult:
     """Solve several independent deletion requests in one vmapped call (padded to a common bucket)."""
-    n = int(np.shape(x)[0])
+    n = _check_inputs(params, snapshots, x, y, stats)
+    if len(requests) == 0:
+        raise ValueError("no deletion requests given")
     padded = [pad_request(r, n, config.min_bucket) for r in requests]
     size = max(p[0].size for p in padded)
     idx = np.zeros((len(padded), size), np.int32)

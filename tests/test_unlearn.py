@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
 
 from mini_unlearn_jax import curvature as cv
@@ -172,3 +174,51 @@ def test_bad_forget_indices_are_rejected(bad, msg):
 def test_bucket_sizes():
     assert ul.bucket_size(1, 64) == 64 and ul.bucket_size(64, 64) == 64
     assert ul.bucket_size(65, 64) == 128 and ul.bucket_size(3000, 64) == 4096
+
+
+def test_api_input_checks(logreg):
+    ds, problem = logreg
+    args = (problem.objective, problem.params, problem.snapshots)
+    with pytest.raises(ValueError, match="same n"):
+        ul.unlearn(*args, problem.x, problem.y[:-1], [1], stats=problem.stats)
+    with pytest.raises(ValueError, match="features"):
+        ul.unlearn(*args, problem.x[:, :4], problem.y, [1], stats=problem.stats)
+    empty = snapshot_buffer(2).init(problem.params)
+    with pytest.raises(ValueError, match="empty"):
+        ul.unlearn(problem.objective, problem.params, empty, problem.x, problem.y, [1], stats=problem.stats)
+    with pytest.raises(ValueError, match="needs a logistic-regression model"):
+        ul.unlearn(*args, problem.x, problem.y, [1], stats=None, config=ul.MiniConfig(curvature="ekfac"))
+
+
+def test_bitwise_determinism(logreg):
+    ds, problem = logreg
+    a = M.run_method("mini", problem, np.arange(0, 600, 7))
+    b = M.run_method("mini", problem, np.arange(0, 600, 7))
+    np.testing.assert_array_equal(ravel_pytree(a.params)[0], ravel_pytree(b.params)[0])
+    r1 = M.run_method("retrain", problem, np.arange(0, 600, 7))
+    r2 = M.run_method("retrain", problem, np.arange(0, 600, 7))
+    np.testing.assert_array_equal(ravel_pytree(r1.params)[0], ravel_pytree(r2.params)[0])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 499), min_size=1, max_size=200, unique=True), st.sampled_from([1, 16, 64]))
+def test_padding_property(indices, min_bucket):
+    idx, mask = ul.pad_request(indices, 500, min_bucket)
+    size = idx.size
+    assert size >= max(len(indices), min_bucket) and size & (size - 1) == 0  # a power of two
+    assert size < 2 * max(len(indices), min_bucket)  # the smallest such
+    assert mask.sum() == len(indices) and np.all(mask[: len(indices)] == 1)
+    np.testing.assert_array_equal(idx[: len(indices)], np.sort(indices))
+    assert np.all(idx[len(indices):] == 0) and np.all(mask[len(indices):] == 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(-5, 60), min_size=0, max_size=30))
+def test_validate_indices_property(values):
+    arr = np.array(values, np.int64)
+    ok = arr.size > 0 and arr.min() >= 0 and arr.max() < 50 and np.unique(arr).size == arr.size and arr.size < 50
+    if ok:
+        np.testing.assert_array_equal(ul.validate_indices(arr, 50), np.sort(arr))
+    else:
+        with pytest.raises(ValueError):
+            ul.validate_indices(arr, 50)
