@@ -69,6 +69,9 @@ class MiniConfig:
       chunk: removed examples per vmapped per-example-gradient chunk.
       damping: added to the preconditioner's (and CG operator's) diagonal.
       min_bucket: smallest padded request size.
+      mesh, mesh_axis: a ``jax.sharding.Mesh`` and axis name over which the removed examples'
+        per-example gradients (and, when the training-set size divides evenly, the refinement's
+        data passes) are sharded; ``None`` runs on the default device.
       stationary: treat ``w*`` as the exact optimum of the full objective, i.e. subtract its
         residual gradient ``g* + l2 M w*`` (zero after training to convergence) so that only the
         removal moves the parameters; matters for models not trained to convergence (SGD/Adam).
@@ -82,6 +85,8 @@ class MiniConfig:
     damping: float = 0.0
     min_bucket: int = 64
     stationary: bool = True
+    mesh: Any = None
+    mesh_axis: str = "data"
 
     def __post_init__(self):
         if self.curvature not in ("auto", "ekfac", "lbfgs", "exact"):
@@ -171,15 +176,25 @@ def _resolve_curvature(objective: Objective, cfg: MiniConfig, stats) -> str:
     return kind
 
 
-def removed_grad_sum(objective: Objective, params, xr, yr, mask, chunk: int):
+def _shard(a, mesh, spec):
+    if mesh is None:
+        return a
+    from jax.sharding import NamedSharding
+
+    return jax.lax.with_sharding_constraint(a, NamedSharding(mesh, spec))
+
+
+def removed_grad_sum(objective: Objective, params, xr, yr, mask, chunk: int, mesh=None, axis: str = "data"):
     """``sum_i mask_i grad l_i(params)`` over removed examples, by vmapped per-example
-    gradients in chunks of ``chunk``."""
+    gradients in chunks of ``chunk``; with a ``mesh``, each chunk is split over ``axis``."""
+    from jax.sharding import PartitionSpec as P
+
     size = xr.shape[0]
     chunk = min(chunk, size)
     nc = size // chunk
-    xs = xr.reshape((nc, chunk) + xr.shape[1:])
-    ys = yr.reshape((nc, chunk))
-    ms = mask.reshape((nc, chunk))
+    xs = _shard(xr.reshape((nc, chunk) + xr.shape[1:]), mesh, P(None, axis))
+    ys = _shard(yr.reshape((nc, chunk)), mesh, P(None, axis))
+    ms = _shard(mask.reshape((nc, chunk)), mesh, P(None, axis))
     zero = jax.tree.map(jnp.zeros_like, params)
 
     def body(acc, c):
@@ -194,6 +209,11 @@ def removed_grad_sum(objective: Objective, params, xr, yr, mask, chunk: int):
 def _solve(objective: Objective, cfg: MiniConfig, kind: str, params, snap_params, snap_grads, snap_count,
            stats, x, y, idx, mask):
     n = x.shape[0]
+    if cfg.mesh is not None and n % cfg.mesh.shape[cfg.mesh_axis] == 0:
+        from jax.sharding import PartitionSpec as P
+
+        x = _shard(x, cfg.mesh, P(cfg.mesh_axis))
+        y = _shard(y, cfg.mesh, P(cfg.mesh_axis))
     dtype = ravel_pytree(params)[0].dtype
     r = jnp.sum(mask).astype(dtype)
     nr = n - r
@@ -208,7 +228,7 @@ def _solve(objective: Objective, cfg: MiniConfig, kind: str, params, snap_params
     xr, yr = x[idx], y[idx]
 
     def removed_grad(w):
-        return ravel_pytree(removed_grad_sum(objective, unravel(w), xr, yr, mask, cfg.chunk))[0]
+        return ravel_pytree(removed_grad_sum(objective, unravel(w), xr, yr, mask, cfg.chunk, cfg.mesh, cfg.mesh_axis))[0]
 
     # --- curvature models: B (full data), P^{-1} (remaining data) --------------------------
     if kind == "ekfac":
