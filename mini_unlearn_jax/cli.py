@@ -4,6 +4,7 @@
     mini-unlearn unlearn --run RUN_DIR --method NAME (--ratio FLOAT | --forget FILE.npy) [--seed INT]
                          [--compare-retrain] --out OUT_DIR [--export-probs FILE.npz] [--overwrite]
     mini-unlearn info RUN_DIR
+    mini-unlearn attack --run RUN_DIR --unlearned OUT_DIR --out ATTACK_DIR   (full MIA suite incl. LiRA)
 
 Exit codes: 0 success, 1 bad input (message on stderr, nothing written), 2 the method did not
 converge (report.json says why; no model is saved).
@@ -196,13 +197,20 @@ def cmd_unlearn(args) -> int:
         "curvature_stats_bytes": meta["curvature_stats_bytes"],
         "details": {k: v for k, v in res.info.items() if k != "own_original"},
     }
-    if args.compare_retrain:
+    ref = None
+    if args.compare_retrain or args.mia:
         if args.method == "deltagrad":
             log("retraining with DeltaGrad's own (S)GD recipe for reference ...")
             ref = M.deltagrad_retrain(problem, local)
         else:
             log("retraining on the remaining data for reference ...")
             ref = M.run_method("retrain", problem, local)
+    if args.mia:
+        from .privacy import mia_for_report
+
+        log("membership inference (loss attack): forget set vs held-out test examples ...")
+        report["mia"] = mia_for_report(problem, ds, local, res.params, ref.params, original, seed=args.seed)
+    if args.compare_retrain:
         p_ref_test = mt.predict_probs(run.objective, ref.params, ds.x_test)
         p_ref_forget = mt.predict_probs(run.objective, ref.params, x[local])
         p_orig_test = mt.predict_probs(run.objective, original, ds.x_test)
@@ -308,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--out", required=True)
     u.add_argument("--export-probs")
     u.add_argument("--overwrite", action="store_true", help="replace an existing result in --out")
+    u.add_argument("--mia", action="store_true",
+                   help="add a loss-threshold membership-inference report (original / retrain / unlearned)")
+    from .privacy import add_attack_parser
+
+    add_attack_parser(sub)
     i = sub.add_parser("info", help="print a run's metadata and deletion ledger")
     i.add_argument("run")
     i.add_argument("--indices", action="store_true", help="also print the removed indices")
@@ -320,7 +333,9 @@ def main(argv=None) -> int:
     from .data import DataError
 
     try:
-        return {"train": cmd_train, "unlearn": cmd_unlearn, "info": cmd_info}[args.cmd](args)
+        from .privacy import cmd_attack
+
+        return {"train": cmd_train, "unlearn": cmd_unlearn, "info": cmd_info, "attack": cmd_attack}[args.cmd](args)
     except (UsageError, DataError, CheckpointError, FileExistsError, ValueError) as e:
         print(f"mini-unlearn {args.cmd}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

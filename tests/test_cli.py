@@ -44,9 +44,13 @@ def test_unlearn_end_to_end_with_compare_and_export(run_dir, tmp_path, capsys):
     out = tmp_path / "u"
     probs = tmp_path / "p.npz"
     rc = main(["unlearn", "--run", str(run_dir), "--method", "mini", "--ratio", "0.3", "--seed", "1",
-               "--compare-retrain", "--out", str(out), "--export-probs", str(probs)])
+               "--compare-retrain", "--mia", "--out", str(out), "--export-probs", str(probs)])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
+    for model in ("original", "retrain", "unlearned"):
+        assert set(report["mia"][model]) >= {"auc", "advantage", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr"}
+        assert 0.0 <= report["mia"][model]["auc"] <= 1.0
+    assert report["mia"]["attack"] == "loss" and report["mia"]["n_members"] == 90
     for key in ("method", "ratio", "n_train", "n_removed", "time_s", "compile_s", "test_acc", "forget_acc",
                 "retain_acc", "converged", "retrain_time_s", "rel_param_error", "kl_test", "kl_forget",
                 "agreement_test"):

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# On an accelerator machine: print device info and the unlearn / retrain time ratios for
+# Fashion-MNIST logistic regression and an MLP, side by side, in a few minutes.
+#   bash benchmarks/gpu_check.sh            (set N_MLP=... to change the MLP's training-set size)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python - <<'PY'
+import os, time, sys, json
+import jax, jax.numpy as jnp, numpy as np
+import mini_unlearn_jax as mu
+from mini_unlearn_jax import methods as M
+
+print("devices:", jax.devices(), "| jax", jax.__version__, flush=True)
+try:
+    print(jax.devices()[0].memory_stats() or {}, flush=True)
+except Exception:
+    pass
+
+def bench(spec, model_name, l2, ratios, methods, hidden=256):
+    t0 = time.perf_counter()
+    ds = mu.load_dataset(spec)
+    model = mu.build_model(model_name, ds.num_classes, hidden=hidden)
+    obj = mu.make_objective(model, l2)
+    cfg = mu.default_config(model_name, ds.n_train)
+    p0 = mu.init_params(model, ds.x_train[0], 0)
+    st = mu.Trainer(obj, cfg).fit(p0, ds.x_train, ds.y_train)
+    stats = mu.fit_stats(obj, st.params, ds.x_train)
+    pb = M.Problem(obj, cfg, p0, st.params, st.snapshots, stats, jnp.asarray(ds.x_train), jnp.asarray(ds.y_train))
+    print(f"{model_name} on {spec}: trained in {time.perf_counter() - t0:.1f}s", flush=True)
+    for ratio in ratios:
+        forget = np.sort(np.random.default_rng(0).choice(ds.n_train, int(ratio * ds.n_train), replace=False))
+        ret = M.run_method("retrain", pb, forget)
+        line = [f"  {model_name} {ratio:>4.0%}: retrain {ret.time_s:7.3f}s"]
+        for m in methods:
+            out = M.run_method(m, pb, forget)
+            line.append(f"{m} {out.time_s:.4f}s (x{out.time_s / ret.time_s:.4f}, compile {out.compile_s:.1f}s, {out.reason})")
+        print(" | ".join(line), flush=True)
+
+bench("fashion_mnist", "logreg", 1e-3, (0.01, 0.1, 0.5), ("mini", "mini-lite", "mini-plus"))
+n_mlp = int(os.environ.get("N_MLP", "60000"))
+bench(f"fashion_mnist:n_train={n_mlp}", "mlp", 1e-4, (0.1, 0.5), ("mini", "mini-lite", "finetune"))
+PY
