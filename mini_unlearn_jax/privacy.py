@@ -548,7 +548,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
         if kept.size > MAX_EXTRA_POOL:
             kept = np.sort(np.random.default_rng(args.seed).choice(kept, MAX_EXTRA_POOL, replace=False))
         x_extra, y_extra = x[kept], y[kept]
-    recipe = shadow_recipe(cfg, args.shadow_steps)
+    if method == "deltagrad":  # the three targets all come from DeltaGrad's (S)GD recipe
+        recipe = ShadowRecipe(int(args.shadow_steps or dcfg.steps), float(dcfg.lr), dcfg.batch_size, "sgd")
+    else:
+        recipe = shadow_recipe(cfg, args.shadow_steps)
     _log(f"attacking with {args.shadows} shadow models ({recipe.optimizer_name}, {recipe.steps} steps, "
          f"{'full batch' if recipe.batch_size is None else f'batch {recipe.batch_size}'}) ...")
 
