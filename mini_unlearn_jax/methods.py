@@ -242,7 +242,18 @@ def run_deltagrad(problem: Problem, forget, **options) -> MethodOutput:
     jax.block_until_ready(out)
     t = time.perf_counter() - t0
     ok = info.finite and _finite(out)
-    return MethodOutput(out if ok else w_dg, ok, "converged" if ok else "DeltaGrad's replay diverged (NaN/inf)",
+    reason = "converged" if ok else "DeltaGrad's replay diverged (NaN/inf)"
+    if ok:
+        # a replay that blew up without overflowing: the remaining-data objective must not rise
+        # far above that of DeltaGrad's own trained model (retraining lowers or keeps it)
+        keep = jnp.asarray(keep_mask(int(problem.x.shape[0]), forget))
+        f_rem = jax.jit(lambda p: problem.objective.value(p, problem.x, problem.y, keep))
+        before, after = float(f_rem(w_dg)), float(f_rem(out))
+        if not after <= 1.5 * before + 1e-3:
+            ok = False
+            reason = (f"DeltaGrad's replay diverged: the remaining-data objective rose from {before:.4g} "
+                      f"(its trained model) to {after:.4g}; the trained model is returned")
+    return MethodOutput(out if ok else w_dg, ok, reason,
                         t, max(first - t, 0.0),
                         {"exact_steps": info.exact_steps, "steps": info.steps, "cache_bytes": info.cache_nbytes,
                          "train_s": train_s, "own_original": w_dg, "config": dataclasses.asdict(cfg)})
@@ -263,6 +274,8 @@ def deltagrad_retrain(problem: Problem, forget, **options) -> MethodOutput:
 
 def run_method(name: str, problem: Problem, forget, **options) -> MethodOutput:
     """Run method ``name`` on ``problem`` removing training indices ``forget``."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}")
     forget = ul.validate_indices(forget, int(problem.x.shape[0]))
     if name in MINI_VARIANTS:
         cfg = MINI_VARIANTS[name]
