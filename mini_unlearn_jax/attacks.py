@@ -297,6 +297,8 @@ def train_shadow_models(
     batch_size: int | None = None,
     optimizer: optax.GradientTransformation | None = None,
     balanced: bool = True,
+    mesh: Any = None,
+    mesh_axis: str = "data",
 ) -> ShadowModels:
     """Train ``num_shadows`` shadow models on random halves of a pool in one jitted ``vmap``.
 
@@ -317,10 +319,14 @@ def train_shadow_models(
       batch_size: ``None`` for full batch, else the mini-batch size.
       optimizer: overrides the default optimizer.
       balanced: passed to :func:`inclusion_masks`.
+      mesh, mesh_axis: a ``jax.sharding.Mesh``; the shadow axis is sharded over ``mesh_axis``
+        (``num_shadows`` must divide evenly), each device training its share of the shadows.
 
     Returns:
       :class:`ShadowModels` with stacked ``params`` and the bool ``in_mask [num_shadows, n_pool]``.
     """
+    if mesh is not None and num_shadows % mesh.shape[mesh_axis]:
+        raise ValueError(f"num_shadows={num_shadows} must be a multiple of the mesh axis size {mesh.shape[mesh_axis]}")
     if num_shadows < 2 or steps < 1:
         raise ValueError(f"need num_shadows >= 2 and steps >= 1, got {num_shadows} and {steps}")
     if batch_size is not None and batch_size < 1:
@@ -357,7 +363,14 @@ def train_shadow_models(
     def train_all(key: Array) -> tuple[Params, Array]:
         k_mask, k_models = jax.random.split(key)
         masks = inclusion_masks(k_mask, num_shadows, n_pool, balanced=balanced)
-        params = jax.vmap(train_one)(jax.random.split(k_models, num_shadows), masks)
+        keys = jax.random.split(k_models, num_shadows)
+        if mesh is not None:
+            from jax.sharding import NamedSharding
+            from jax.sharding import PartitionSpec as P
+
+            masks = jax.lax.with_sharding_constraint(masks, NamedSharding(mesh, P(mesh_axis)))
+            keys = jax.lax.with_sharding_constraint(keys, NamedSharding(mesh, P(mesh_axis)))
+        params = jax.vmap(train_one)(keys, masks)
         return params, masks
 
     params, masks = train_all(key)
