@@ -222,3 +222,18 @@ def test_validate_indices_property(values):
     else:
         with pytest.raises(ValueError):
             ul.validate_indices(arr, 50)
+
+
+def test_stream_of_requests_compiles_once_per_bucket(logreg):
+    ds, problem = logreg
+    cfg = ul.MiniConfig(refine_passes=1, min_bucket=64, chunk=32)  # a config no other test uses
+    args = (problem.objective, problem.params, problem.snapshots, problem.x, problem.y)
+    start = ul._solve_jit._cache_size()
+    sizes = [5, 60, 70, 100, 130, 250, 3, 64, 128, 129, 300, 512, 17]
+    rng = np.random.default_rng(0)
+    buckets = set()
+    for r in sizes:
+        ul.unlearn(*args, rng.choice(600, r, replace=False), stats=problem.stats, config=cfg)
+        buckets.add(ul.bucket_size(r, 64))
+        assert ul._solve_jit._cache_size() - start == len(buckets)
+    assert buckets == {64, 128, 256, 512}
