@@ -141,16 +141,14 @@ def load_forget(args, n_original: int, removed: np.ndarray) -> np.ndarray:
 
 
 def cmd_unlearn(args) -> int:
-    import jax
     import jax.numpy as jnp
 
     from . import checkpoint as ck
-    from . import curvature as cv
     from . import methods as M
     from . import metrics as mt
     from .data import load_dataset
     from .models import init_params
-    from .snapshots import nbytes, snapshot_buffer
+    from .snapshots import nbytes
 
     if args.method not in M.METHODS:
         raise UsageError(f"unknown --method {args.method!r}: choose one of {', '.join(M.METHODS)}")
@@ -232,12 +230,8 @@ def cmd_unlearn(args) -> int:
         return EXIT_NOT_CONVERGED
     # refresh the snapshot buffer (and curvature stats) at the new parameters for the next request
     t0 = time.perf_counter()
-    cfg = run.train_config
-    buf = snapshot_buffer(cfg.snapshots, cfg.snapshot_every)
-    keep_j = jnp.asarray(keep, jnp.float32)
-    g_new = jax.grad(run.objective.data_loss)(res.params, x, y, keep_j)
-    snaps = buf.update(run.snapshots, run.snapshots.steps.max() + 1, res.params, g_new, force=True)
-    stats = cv.fit_stats(run.objective, res.params, x[keep])
+    nxt = M.after_removal(problem, res.params, local)
+    snaps, stats = nxt.snapshots, nxt.stats
     refresh_s = time.perf_counter() - t0
     report["refresh_s"] = refresh_s
     removed_all = np.concatenate([run.removed, forget]).astype(np.int32)

@@ -269,6 +269,26 @@ def deltagrad_retrain(problem: Problem, forget, **options) -> MethodOutput:
     return MethodOutput(out, _finite(out), "converged", t, c, {})
 
 
+# -- sequential requests --------------------------------------------------------------------
+
+
+def after_removal(problem: Problem, params, forget) -> Problem:
+    """The problem for the next deletion request: the remaining data, ``params`` as the new
+    trained model, its snapshot buffer refreshed with ``(params, grad G_{D\\R}(params))`` and its
+    curvature statistics refitted on the remaining data (one pass; not part of unlearning time)."""
+    from .snapshots import snapshot_buffer
+
+    n = int(problem.x.shape[0])
+    keep = keep_mask(n, ul.validate_indices(forget, n)).astype(bool)
+    x, y = problem.x[keep], problem.y[keep]
+    cfg = problem.train_config
+    buf = snapshot_buffer(cfg.snapshots, cfg.snapshot_every)
+    g_new = jax.grad(problem.objective.data_loss)(params, x, y)
+    snaps = buf.update(problem.snapshots, problem.snapshots.steps.max() + 1, params, g_new, force=True)
+    stats = cv.fit_stats(problem.objective, params, x)
+    return dataclasses.replace(problem, params=params, snapshots=snaps, stats=stats, x=x, y=y)
+
+
 # -- dispatch -------------------------------------------------------------------------------
 
 
