@@ -7,6 +7,7 @@ Specs (options after a colon, comma separated ``key=value``):
   scaled to [0, 1]; ``n_train``/``n_test`` keep the first N/M examples.
 - ``digits``, ``breast_cancer`` -- scikit-learn's bundled sets, a fixed 75/25 stratified split
   (seed 0); digits scaled to [0, 1], breast cancer standardized with training statistics.
+- ``covtype`` -- scikit-learn's Covtype fetcher, only if already cached (nothing is downloaded).
 - ``npz:PATH`` -- arrays ``x_train, y_train, x_test, y_test`` used exactly as given.
 - ``synthetic[:n=N,n_test=M,d=D,classes=C,seed=S,sep=F]`` -- seeded Gaussian classes.
 - ``tfds:NAME[:TRAIN_SPLIT[;TEST_SPLIT]]`` -- tensorflow-datasets (``mnist``, ``fashion_mnist``,
@@ -284,6 +285,21 @@ def _tfds(rest: str, spec: str) -> Dataset:
     return validate(x_tr, y_tr, x_te, y_te, spec)
 
 
+def _covtype(spec: str) -> Dataset:
+    from sklearn.datasets import fetch_covtype
+    from sklearn.model_selection import train_test_split
+
+    try:
+        bunch = fetch_covtype(download_if_missing=False)
+    except OSError as e:
+        raise DataError(f"{spec}: scikit-learn's Covtype is not cached on this machine and nothing is downloaded "
+                        "here; run sklearn.datasets.fetch_covtype() once on a machine with a network") from e
+    x, y = bunch.data.astype(np.float32), bunch.target.astype(np.int64) - 1
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
+    mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-8
+    return validate((x_tr - mu) / sd, y_tr, (x_te - mu) / sd, y_te, spec, num_classes=7)
+
+
 def load_dataset(spec: str) -> Dataset:
     """Load and validate a dataset from a spec string (see the module docstring)."""
     if not isinstance(spec, str) or not spec:
@@ -295,6 +311,8 @@ def load_dataset(spec: str) -> Dataset:
     head, _, opts = spec.partition(":")
     if head == "fashion_mnist":
         return _fashion_mnist(_parse_options(opts, {"n_train": int, "n_test": int}, spec), spec)
+    if head == "covtype":
+        return _covtype(spec)
     if head in ("digits", "breast_cancer"):
         if opts:
             raise DataError(f"{spec}: {head} takes no options")
