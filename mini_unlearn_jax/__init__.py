@@ -5,6 +5,7 @@ The functional API: build an :class:`Objective` (``make_objective``), train with
 with :func:`fit_stats`, and remove examples with :func:`unlearn` / :func:`unlearn_many`.
 """
 
+from . import attacks, privacy
 from .curvature import EKFAC, fit_stats
 from .data import DataError, Dataset, load_dataset
 from .methods import METHODS, MethodOutput, Problem, run_method
@@ -15,6 +16,7 @@ from .snapshots import SnapshotBuffer, SnapshotState, snapshot_buffer
 from .training import TrainConfig, Trainer, TrainState, default_config, train
 
 __all__ = [
+    "attacks", "privacy",
     "EKFAC", "fit_stats",
     "DataError", "Dataset", "load_dataset",
     "METHODS", "MethodOutput", "Problem", "run_method",
