@@ -76,10 +76,21 @@ def keep_mask(n: int, forget: np.ndarray) -> np.ndarray:
     return keep
 
 
+_COMPILED: dict = {}
+
+
 def _aot(fn_jit, static_args: tuple, dyn_args: tuple, static_kw: dict | None = None):
-    """Compile ``fn_jit`` ahead of time; return (callable on dyn_args, compile seconds)."""
+    """Compile ``fn_jit`` ahead of time (once per static arguments and argument shapes); return
+    (callable on dyn_args, compile seconds -- 0 when the program was already compiled)."""
+    sig = tuple((np.shape(a), str(getattr(a, "dtype", type(a)))) for a in jax.tree.leaves(dyn_args))
+    key = (fn_jit, static_args, tuple(sorted((static_kw or {}).items())), jax.tree.structure(dyn_args), sig)
+    if key in _COMPILED:
+        return _COMPILED[key], 0.0
     t0 = time.perf_counter()
     compiled = fn_jit.lower(*static_args, *dyn_args, **(static_kw or {})).compile()
+    if len(_COMPILED) > 256:
+        _COMPILED.clear()
+    _COMPILED[key] = compiled
     return compiled, time.perf_counter() - t0
 
 

@@ -22,6 +22,7 @@ from .models import Objective
 from .snapshots import SnapshotBuffer, SnapshotState, snapshot_buffer
 
 Params = Any
+_COMPILED: dict = {}  # ahead-of-time compiled training programs, see Trainer._call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,18 +103,21 @@ class Trainer:
         self.buffer: SnapshotBuffer = snapshot_buffer(cfg.snapshots, cfg.snapshot_every)
         self._run_chunk = jax.jit(self._chunk, static_argnames=("length",))
         self._full_grad = jax.jit(self.full_data_grad)
-        self._compiled: dict = {}
         self.compile_s = 0.0  # seconds spent compiling, accumulated over fit() calls
 
     def _call(self, name: str, fn, *args, **static):
-        """Run ``fn`` through an ahead-of-time compiled executable, timing compilation apart."""
-        key = (name, tuple(sorted(static.items())),
+        """Run ``fn`` through an ahead-of-time compiled executable, timing compilation apart.
+
+        Executables are shared by every Trainer of the same (objective, recipe) in the process."""
+        key = (self.objective, self.cfg, name, tuple(sorted(static.items())), jax.tree.structure(args),
                tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args) if hasattr(a, "shape")))
-        if key not in self._compiled:
+        if key not in _COMPILED:
             t0 = time.perf_counter()
-            self._compiled[key] = fn.lower(*args, **static).compile()
+            if len(_COMPILED) > 256:
+                _COMPILED.clear()
+            _COMPILED[key] = fn.lower(*args, **static).compile()
             self.compile_s += time.perf_counter() - t0
-        return self._compiled[key](*args)
+        return _COMPILED[key](*args)
 
     # -- pure pieces -----------------------------------------------------------------------
     def full_data_grad(self, params, x, y, weights):
