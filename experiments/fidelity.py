@@ -71,6 +71,33 @@ def parse_list(text: str, allowed, kind: str, conv=str) -> list:
     return items
 
 
+def _value(text: str):
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def parse_method(spec: str) -> tuple[str, str, dict]:
+    """``NAME`` or ``NAME:KEY=VALUE[+KEY=VALUE...]`` -> (label, name, options)."""
+    name, _, rest = spec.partition(":")
+    if name not in ALL_METHODS + ("retrain",):
+        raise SystemExit(f"--methods: unknown method {name!r}; choose from {', '.join(ALL_METHODS)}")
+    opts = {}
+    for item in filter(None, rest.split("+")):
+        k, eq, v = item.partition("=")
+        if not eq or not k:
+            raise SystemExit(f"--methods: bad option {item!r} in {spec!r}; write KEY=VALUE")
+        opts[k] = _value(v)
+    return spec, name, opts
+
+
+def base_method(label: str) -> str:
+    return label.partition(":")[0]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,7 +105,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ratios", default=",".join(map(str, ALL_RATIOS)),
                    help="comma list of unlearning ratios in percent (0 < r < 100)")
     p.add_argument("--methods", default=",".join(ALL_METHODS),
-                   help=f"comma list of {','.join(ALL_METHODS)} (retrain always runs as the reference)")
+                   help=f"comma list of {','.join(ALL_METHODS)} (retrain runs as the reference); a method may "
+                        "carry options for run_method as NAME:KEY=VALUE[+KEY=VALUE...], e.g. deltagrad:lr=0.1, "
+                        "reported under that label")
     p.add_argument("--seed", type=int, default=0, help="seeds the init, the batch order and the forget sets")
     p.add_argument("--data", default="fashion_mnist", help="dataset name for load_dataset")
     p.add_argument("--logreg-n-train", type=int, default=None, help="logreg training examples (default: all)")
@@ -90,8 +119,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fresh", action="store_true", help="discard rows of earlier runs in --out")
     args = p.parse_args(argv)
     args.models = parse_list(args.models, ALL_MODELS, "models")
-    args.methods = parse_list(args.methods, ALL_METHODS + ("retrain",), "methods")
-    args.methods = [m for m in args.methods if m != "retrain"]
+    args.methods = [m for m in (parse_method(t) for t in parse_list(args.methods, None, "methods"))
+                    if m[1] != "retrain"]
     args.ratios = parse_list(args.ratios, None, "ratios", float)
     for r in args.ratios:
         if not 0 < r < 100:
@@ -124,6 +153,28 @@ def machine_info() -> dict:
     return {"nproc": nproc, "cpu": cpu, "memory": mem, "platform": platform.platform(),
             "python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
             "device": ", ".join(str(d) for d in jax.devices()), "backend": jax.default_backend()}
+
+
+def library_version() -> dict:
+    """Git commit of the checkout, whether the library has uncommitted changes, and a hash of its sources."""
+    import hashlib
+
+    import mini_unlearn_jax
+
+    pkg = Path(mini_unlearn_jax.__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(pkg.rglob("*.py")):
+        h.update(f.relative_to(pkg).as_posix().encode())
+        h.update(f.read_bytes())
+    info = {"library_sha256": h.hexdigest()[:16]}
+    try:
+        git = lambda *a: subprocess.run(["git", *a], cwd=pkg.parent, capture_output=True, text=True,
+                                        check=True).stdout.strip()
+        info["git_commit"] = git("rev-parse", "--short", "HEAD")
+        info["library_dirty"] = bool(git("status", "--porcelain", "--", pkg.name))
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return info
 
 
 # -- models ---------------------------------------------------------------------------------
@@ -279,32 +330,37 @@ def run_cell(tm: Trained, ratio: float, methods: list, seed: int, emit) -> None:
     n = int(problem.x.shape[0])
     forget = forget_set(n, ratio, seed)
     tag = f"{tm.name} {ratio:g}%"
-    log(f"{tag}: removing {forget.size} of {n}; retraining (reference) ...")
-    ret = M.run_method("retrain", problem, forget)
-    ref = Reference(tm, ret.params, problem.params, ret.time_s, ret.compile_s, "retrain")
-    log(f"{tag}: retrain {ret.time_s:.2f}s (+{ret.compile_s:.1f}s compile), test acc {ref.test_acc:.4f}, "
-        f"original KL to it {ref.original_kl:.3e}")
-    emit(evaluate(tm, "retrain", ret, ref, forget, ratio, 0))
+    ref = None
+    if any(name != "deltagrad" for _, name, _ in methods):  # DeltaGrad has its own reference
+        log(f"{tag}: removing {forget.size} of {n}; retraining (reference) ...")
+        ret = M.run_method("retrain", problem, forget)
+        ref = Reference(tm, ret.params, problem.params, ret.time_s, ret.compile_s, "retrain")
+        log(f"{tag}: retrain {ret.time_s:.2f}s (+{ret.compile_s:.1f}s compile), test acc {ref.test_acc:.4f}, "
+            f"original KL to it {ref.original_kl:.3e}")
+        emit(evaluate(tm, "retrain", ret, ref, forget, ratio, 0))
+    else:
+        log(f"{tag}: removing {forget.size} of {n} (DeltaGrad only: no retrain of the training recipe)")
     mini_mem = nbytes(problem.snapshots) + (nbytes(problem.stats) if problem.stats is not None else 0)
-    for method in methods:
+    for method, name, opts in methods:
         t0 = time.perf_counter()
         try:
-            res = M.run_method(method, problem, forget)
+            res = M.run_method(name, problem, forget, **opts)
         except Exception as e:  # report, keep going with the other cells
             log(f"{tag}: {method} FAILED: {type(e).__name__}: {e}")
             emit({"model": tm.name, "method": method, "ratio_pct": ratio, "seed": seed, "n_train": n,
                   "n_removed": int(forget.size), "converged": False, "reason": f"error: {type(e).__name__}: {e}"})
             continue
-        if method == "deltagrad":
-            dref_out = M.deltagrad_retrain(problem, forget)
+        if name == "deltagrad":
+            dref_out = M.deltagrad_retrain(problem, forget, **opts)
             dref = Reference(tm, dref_out.params, res.info["own_original"], dref_out.time_s,
                              dref_out.compile_s, "deltagrad_retrain")
             row = evaluate(tm, method, res, dref, forget, ratio, res.info["cache_bytes"])
             row["info"]["own_retrain_test_acc"] = dref.test_acc
             row["info"]["own_original_test_acc"] = dref.original_test_acc
         else:
-            mem = mini_mem if method.startswith("mini") else 0
+            mem = mini_mem if name.startswith("mini") else 0
             row = evaluate(tm, method, res, ref, forget, ratio, mem)
+        row["options"] = json.dumps(opts) if opts else ""
         emit(row)
         log(f"{tag}: {method:9s} {res.time_s:8.3f}s (+{res.compile_s:5.1f}s compile) "
             f"time ratio {row['time_ratio']:.4f}  kl ratio {row['kl_ratio']:.3e}  rel err {row['rel_param_error']:.3f}  "
@@ -313,7 +369,7 @@ def run_cell(tm: Trained, ratio: float, methods: list, seed: int, emit) -> None:
 
 # -- outputs ----------------------------------------------------------------------------------
 
-CSV_COLUMNS = ["model", "method", "ratio_pct", "seed", "n_train", "n_removed", "reference", "test_acc",
+CSV_COLUMNS = ["model", "method", "options", "ratio_pct", "seed", "n_train", "n_removed", "reference", "test_acc",
                "forget_acc", "retain_acc", "rel_param_error", "kl_test", "kl_forget", "original_kl_test",
                "kl_ratio", "agreement", "time_s", "compile_s", "retrain_time_s", "time_ratio", "memory_bytes",
                "param_bytes", "converged", "reason", "retrain_test_acc", "original_test_acc"]
@@ -327,7 +383,14 @@ def row_key(r: dict) -> tuple:
 def sort_rows(rows: list) -> list:
     mo = {m: i for i, m in enumerate(METHOD_ORDER)}
     return sorted(rows, key=lambda r: (ALL_MODELS.index(r["model"]) if r["model"] in ALL_MODELS else 9,
-                                       r["n_train"], r["seed"], float(r["ratio_pct"]), mo.get(r["method"], 99)))
+                                       r["n_train"], r["seed"], float(r["ratio_pct"]),
+                                       mo.get(base_method(r["method"]), 99), r["method"]))
+
+
+def method_labels(rows: list) -> list:
+    """Distinct method labels, in METHOD_ORDER (variants such as ``deltagrad:lr=0.1`` after their base)."""
+    mo = {m: i for i, m in enumerate(METHOD_ORDER)}
+    return sorted({r["method"] for r in rows}, key=lambda m: (mo.get(base_method(m), 99), m))
 
 
 def fmt(v, kind: str) -> str:
@@ -357,7 +420,7 @@ def pct(r) -> str:
 
 def pivot(rows: list, key: str, kind: str, title: str) -> list[str]:
     ratios = sorted({float(r["ratio_pct"]) for r in rows})
-    methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in rows)]
+    methods = method_labels(rows)
     cell = {(r["method"], float(r["ratio_pct"])): r for r in rows}
     lines = [f"**{title}**", "", "| method | " + " | ".join(pct(x) for x in ratios) + " |",
              "|---|" + "---:|" * len(ratios)]
@@ -391,11 +454,12 @@ def check_targets(rows: list) -> list[str]:
                   f"{TARGETS['time_ratio']}"]
         ok = (r["kl_ratio"] <= TARGETS["kl_ratio"] and r["rel_param_error"] <= TARGETS["rel_param_error"]
               and r["time_ratio"] <= TARGETS["time_ratio"] and r["converged"])
-        d = cell.get(("deltagrad", float(ratio)))
-        if d is not None and "kl_test" in d:
+        for d in rows:
+            if base_method(d["method"]) != "deltagrad" or float(d["ratio_pct"]) != float(ratio):
+                continue
             better = r["kl_test"] < d["kl_test"]
             ok = ok and better
-            checks.append(f"kl_test {r['kl_test']:.3g} {'<' if better else '≥'} DeltaGrad's {d['kl_test']:.3g}")
+            checks.append(f"kl_test {r['kl_test']:.3g} {'<' if better else '≥'} {d['method']}'s {d['kl_test']:.3g}")
         out.append(f"- {ratio}%: **{'PASS' if ok else 'FAIL'}** — " + "; ".join(checks)
                    + ("" if r["converged"] else f"; not converged ({r['reason']})"))
     return out
@@ -445,10 +509,10 @@ def write_table(path: Path, rows: list, runs: list, models: dict) -> None:
                 f"{fmt(r['agreement'], 'acc')} | {fmt(r['time_s'], 'time')} | {fmt(r['compile_s'], 'time')} | "
                 f"{fmt(r['time_ratio'], 'sci')} | {fmt(r['memory_bytes'], 'bytes')} | {conv} |")
         lines.append("")
-        dg = [r for r in ok_rows if r["method"] == "deltagrad"]
-        if dg:
+        for label in method_labels([r for r in ok_rows if base_method(r["method"]) == "deltagrad"]):
+            dg = [r for r in ok_rows if r["method"] == label]
             dcfg = dg[0]["info"].get("config", {})
-            lines += [f"DeltaGrad rows follow DeltaGrad's own protocol: it replays its own (S)GD trajectory "
+            lines += [f"`{label}` rows follow DeltaGrad's own protocol: it replays its own (S)GD trajectory "
                       f"({json.dumps(dcfg)}), so its reference is `deltagrad_retrain` (that recipe on the remaining "
                       "data), its original model is `info['own_original']` (that recipe on all data), and its "
                       "time ratio is replay time / that retrain's time. Its own original/retrained test accuracy: "
@@ -474,7 +538,11 @@ def write_table(path: Path, rows: list, runs: list, models: dict) -> None:
               "## Runs", ""]
     for run in runs:
         mi = run["machine"]
-        lines += [f"- `{run['command']}` — started {run['started']}, wall {run.get('wall_s', float('nan')):.0f}s"
+        lib = run.get("library", {})
+        libtxt = (f"library {lib.get('git_commit', '?')}{' + uncommitted changes' if lib.get('library_dirty') else ''}"
+                  f" (sources sha256 {lib.get('library_sha256', '?')}"
+                  + (", changed during the run" if "library_at_end" in run else "") + ")")
+        lines += [f"- `{run['command']}` — started {run['started']}, wall {run.get('wall_s', float('nan')):.0f}s, {libtxt}"
                   f"{'' if run.get('finished') else ' (unfinished)'}; models {','.join(run['models'])}, ratios "
                   f"{','.join(f'{x:g}' for x in run['ratios'])}; machine: nproc={mi['nproc']}, {mi['cpu']}, "
                   f"{mi['memory']}, jax {mi['jax']} (jaxlib {mi['jaxlib']}), device {mi['device']}, "
@@ -499,6 +567,10 @@ def write_plot(path: Path, rows: list) -> None:
         return
     markers = {"mini": "o", "mini-lite": "v", "mini-plus": "^", "newton": "s", "finetune": "D",
                "neggrad": "X", "deltagrad": "P"}
+    extra = iter(["*", "h", "p", "<", ">", "d", "8", "H"] * 4)
+    for label in method_labels(rows):
+        if label not in markers:
+            markers[label] = next(extra)
     ratios = sorted({float(r["ratio_pct"]) for r in rows})
     cmap = plt.get_cmap("viridis")
     color = {x: cmap(i / max(1, len(ratios) - 1)) for i, x in enumerate(ratios)}
@@ -510,7 +582,7 @@ def write_plot(path: Path, rows: list) -> None:
                 continue
             x = max(r["time_ratio"], floor)
             y = max(r["kl_ratio"], floor) if np.isfinite(r["kl_ratio"]) else np.nan
-            ax.scatter(x, y, marker=markers.get(r["method"], "*"), color=color[float(r["ratio_pct"])], s=60,
+            ax.scatter(x, y, marker=markers[r["method"]], color=color[float(r["ratio_pct"])], s=60,
                        edgecolors="k" if r["converged"] else "r", linewidths=0.6 if r["converged"] else 1.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -523,7 +595,7 @@ def write_plot(path: Path, rows: list) -> None:
         ax.set_title(f"{model} (Fashion-MNIST, n={n_train})")
         ax.grid(True, which="both", alpha=0.25)
     handles = [Line2D([], [], marker=markers[m], ls="", color="grey", markeredgecolor="k", label=m)
-               for m in ALL_METHODS if any(r["method"] == m for r in rows)]
+               for m in method_labels(rows)]
     handles += [Line2D([], [], marker="o", ls="", color=color[x], label=f"{x:g}%") for x in ratios]
     handles += [Line2D([], [], marker="o", ls="", color="w", markeredgecolor="r", markeredgewidth=1.8,
                        label="not converged")]
@@ -564,9 +636,15 @@ def main(argv=None) -> int:
         rows, runs, models = old.get("rows", []), old.get("runs", []), old.get("models", {})
         log(f"keeping {len(rows)} rows of {len(runs)} earlier run(s) in {out} (--fresh discards them)")
     cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    # import the library now: this run uses the version present at its start
+    import mini_unlearn_jax.curvature  # noqa: F401
+    import mini_unlearn_jax.data  # noqa: F401
+    import mini_unlearn_jax.methods  # noqa: F401
+    import mini_unlearn_jax.metrics  # noqa: F401
+
     run = {"command": cmd, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "models": args.models, "ratios": args.ratios, "methods": args.methods, "seed": args.seed,
-           "machine": machine_info(), "finished": False}
+           "models": args.models, "ratios": args.ratios, "methods": [m[0] for m in args.methods], "seed": args.seed,
+           "machine": machine_info(), "library": library_version(), "finished": False}
     runs.append(run)
     log(f"{cmd}\n  machine: {run['machine']}")
 
@@ -585,6 +663,11 @@ def main(argv=None) -> int:
         del tm
     run["finished"] = True
     run["wall_s"] = time.perf_counter() - T_START
+    end = library_version()
+    if end.get("library_sha256") != run["library"].get("library_sha256"):
+        run["library_at_end"] = end
+        log(f"note: the library's sources changed during this run ({run['library']} -> {end}); "
+            "this run used the version imported at its start")
     write_outputs(out, rows, runs, models)
     log(f"done in {run['wall_s']:.0f}s -> {out}")
     return 0
