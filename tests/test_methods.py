@@ -77,3 +77,18 @@ def test_deltagrad_blow_up_is_reported(problem, monkeypatch):
 def test_unknown_method():
     with pytest.raises(ValueError, match="unknown method"):
         M.run_method("bogus", None, [1])
+
+
+def test_newton_is_exact_in_one_step_on_a_quadratic():
+    from test_unlearn import _ridge, _ridge_solution
+
+    obj, params0, x, y = _ridge()
+    cfg = TrainConfig(optimizer="lbfgs", steps=300, tol=1e-6)
+    st = Trainer(obj, cfg).fit(params0, x, y)
+    pb = M.Problem(obj, cfg, params0, st.params, st.snapshots, None, jnp.asarray(x), jnp.asarray(y))
+    forget = np.arange(0, 120, 4)
+    keep = np.ones(120, bool)
+    keep[forget] = False
+    out = M.run_method("newton", pb, forget)
+    w = np.concatenate([np.asarray(out.params["kernel"])[:, 0], np.asarray(out.params["bias"])])
+    np.testing.assert_allclose(w, _ridge_solution(x, y, keep, obj.l2), atol=1e-4)
