@@ -14,7 +14,8 @@ The grid is described by a TOML file (see ``experiments/grid.toml``)::
 
 Every cell (data, model, seed, ratio, method) becomes one row of ``results.jsonl``, appended
 as soon as it is done, so an interrupted run resumes where it stopped (cells already present
-are skipped). :func:`write_reports` turns the rows into ``results.csv``, ``results.json``, a
+are skipped; several workers with disjoint configs may share one output directory).
+:func:`write_reports` turns the rows into ``results.csv``, ``results.json``, a
 Markdown table of mean ± std over seeds and PNG plots. A dataset that cannot be loaded here
 (e.g. ``tfds:higgs`` without a network) is skipped with a message.
 
@@ -180,8 +181,8 @@ def run_grid(cfg: GridConfig, *, log=None) -> list[dict]:
         for cell in todo:
             spec = next(m for m in cfg.models if m["data"] == cell["data"] and m["model"] == cell["model"])
             tkey = (cell["data"], cell["model"], cell["seed"])
-            if cell["data"] in skipped:
-                continue
+            if cell["data"] in skipped or key_of(cell) in {key_of(r) for r in load_rows(out)}:
+                continue  # (another worker on the same output directory may have done it)
             if tkey not in trained:
                 try:
                     trained = {tkey: _Trained(spec, cell["seed"])}  # keep one trained model in memory
