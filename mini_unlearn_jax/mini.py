@@ -230,13 +230,12 @@ def _solve(objective: Objective, cfg: MiniConfig, kind: str, params, snap_params
     def removed_grad(w):
         return ravel_pytree(removed_grad_sum(objective, unravel(w), xr, yr, mask, cfg.chunk, cfg.mesh, cfg.mesh_axis))[0]
 
-    # --- curvature models: B (full data), P^{-1} (remaining data) --------------------------
+    # --- curvature models: P^{-1} (remaining data) and, outside EKFAC, B (full data) ---------
     if kind == "ekfac":
         probs_r = jax.nn.softmax(objective.apply_fn(params, xr), axis=-1)
         diag_rem = jnp.maximum(n * stats.diag - cv.ekfac_removed_sum(stats, xr, probs_r, mask), 0.0) / nr
         to_mat = lambda v: cv.logreg_matrix(unravel(v))
         to_vec = lambda m_: ravel_pytree(cv.logreg_params(m_))[0]
-        B = lambda v: to_vec(cv.ekfac_product(stats, stats.diag, to_mat(v)))
         precond = lambda v: to_vec(cv.ekfac_solve(stats, diag_rem, l2 + cfg.damping, to_mat(v)))
     else:
         if kind == "lbfgs":
