@@ -2,6 +2,8 @@
 
     python benchmarks/time_ratio.py [--quick] [--out benchmarks/results]
 
+writes OUT/time_ratio.{md,json} (OUT/time_ratio_quick.{md,json} with --quick).
+
 Sweeps (Fashion-MNIST, multinomial logistic regression, l2=1e-3, unless --quick):
   * removed count r at fixed n (ratios 1, 5, 10, 30, 50 %),
   * training-set size n at a fixed 10 % ratio,
@@ -118,7 +120,8 @@ def main():
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "time_ratio.json").write_text(json.dumps(results, indent=2, default=float))
+    stem = "time_ratio_quick" if args.quick else "time_ratio"
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2, default=float))
     mem_lines = ["| model | params | param bytes | snapshot buffer | curvature stats | DeltaGrad cache (same steps) | mini / retrain |",
                  "|---|---|---|---|---|---|---|"]
     for r in results["vs_params"]:
@@ -130,7 +133,7 @@ def main():
           "\n## Against n (10 % removed, logreg)\n", table(results["vs_n"], "n", methods),
           "\n## Against the parameter count (10 % removed)\n", table(results["vs_params"], "model", methods),
           "\n## Memory\n", "\n".join(mem_lines), ""]
-    (out / "time_ratio.md").write_text("\n".join(md))
+    (out / f"{stem}.md").write_text("\n".join(md))
     print("\n".join(md))
 
 

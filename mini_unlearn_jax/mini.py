@@ -185,8 +185,9 @@ def _shard(a, mesh, spec):
 
 
 def removed_grad_sum(objective: Objective, params, xr, yr, mask, chunk: int, mesh=None, axis: str = "data"):
-    """``sum_i mask_i grad l_i(params)`` over removed examples, by vmapped per-example
-    gradients in chunks of ``chunk``; with a ``mesh``, each chunk is split over ``axis``."""
+    """``sum_i mask_i grad l_i(params)`` over removed examples, in chunks of ``chunk`` (one
+    backward pass of the masked loss sum per chunk); with a ``mesh``, each chunk is split over
+    ``axis``. Padding rows (mask 0) must hold finite data: ``pad_request`` repeats a real index."""
     from jax.sharding import PartitionSpec as P
 
     size = xr.shape[0]
@@ -199,8 +200,10 @@ def removed_grad_sum(objective: Objective, params, xr, yr, mask, chunk: int, mes
 
     def body(acc, c):
         xc, yc, mc = c
-        g = objective.example_grads(params, xc, yc)
-        return jax.tree.map(lambda a, gi: a + jnp.tensordot(mc.astype(gi.dtype), gi, 1), acc, g), None
+        # the gradient of the masked sum of losses: one batched backward pass, equal to summing
+        # per-example gradients but without materialising a [chunk, |w|] array of them
+        g = jax.grad(lambda p: jnp.sum(mc.astype(xc.dtype) * objective.losses(p, xc, yc)))(params)
+        return jax.tree.map(jnp.add, acc, g), None
 
     acc, _ = jax.lax.scan(body, zero, (xs, ys, ms))
     return acc
