@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # On an accelerator machine: print device info and the unlearn / retrain time ratios for
 # Fashion-MNIST logistic regression and an MLP, side by side, in a few minutes.
-#   bash benchmarks/gpu_check.sh            (set N_MLP=... to change the MLP's training-set size)
+#   bash benchmarks/gpu_check.sh
+# N_LOGREG / N_MLP (default 60000 each) set the training-set sizes, e.g. for a CPU smoke run:
+#   N_LOGREG=3000 N_MLP=2000 bash benchmarks/gpu_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python - <<'PY'
@@ -36,7 +38,8 @@ def bench(spec, model_name, l2, ratios, methods, hidden=256):
             line.append(f"{m} {out.time_s:.4f}s (x{out.time_s / ret.time_s:.4f}, compile {out.compile_s:.1f}s, {out.reason})")
         print(" | ".join(line), flush=True)
 
-bench("fashion_mnist", "logreg", 1e-3, (0.01, 0.1, 0.5), ("mini", "mini-lite", "mini-plus"))
+n_lr = int(os.environ.get("N_LOGREG", "60000"))
+bench(f"fashion_mnist:n_train={n_lr}", "logreg", 1e-3, (0.01, 0.1, 0.5), ("mini", "mini-lite", "mini-plus"))
 n_mlp = int(os.environ.get("N_MLP", "60000"))
 bench(f"fashion_mnist:n_train={n_mlp}", "mlp", 1e-4, (0.1, 0.5), ("mini", "mini-lite", "finetune"))
 PY
