@@ -7,8 +7,8 @@ gradient follows from identity (I1) with a secant model ``grad G_D(w) ~ g* + B (
     g_R(w) = [ n (g* + B (w - w*)) - sum_{i in R} grad l_i(w) ] / (n - r) + l2 * M w
 
 and the unlearned parameters are the fixed point of ``Phi(w) = w - P^{-1} g_R(w)`` (method.md
-I2, preconditioned). Each iteration touches only the ``r`` removed examples (per-example
-gradients by ``vmap(grad)`` in fixed-size chunks) and the buffer.
+I2, preconditioned). Each iteration touches only the ``r`` removed examples (the sum of their
+gradients, one backward pass of the masked loss per fixed-size chunk) and the buffer.
 
 Curvature (``MiniConfig.curvature``):
 
@@ -66,7 +66,7 @@ class MiniConfig:
       refine_passes: exact-curvature CG steps over the remaining data after the fixed point.
       max_iter: cap on fixed-point iterations.
       tol: stop when ``||w_k - w_{k-1}|| <= tol * max(1, ||w*||)``.
-      chunk: removed examples per vmapped per-example-gradient chunk.
+      chunk: removed examples per chunk of the removed-gradient sum.
       damping: added to the preconditioner's (and CG operator's) diagonal.
       min_bucket: smallest padded request size.
       mesh, mesh_axis: a ``jax.sharding.Mesh`` and axis name over which the removed examples'
