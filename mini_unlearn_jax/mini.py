@@ -202,7 +202,11 @@ def removed_grad_sum(objective: Objective, params, xr, yr, mask, chunk: int, mes
         xc, yc, mc = c
         # the gradient of the masked sum of losses: one batched backward pass, equal to summing
         # per-example gradients but without materialising a [chunk, |w|] array of them
-        g = jax.grad(lambda p: jnp.sum(mc.astype(xc.dtype) * objective.losses(p, xc, yc)))(params)
+        def masked_sum(p):
+            losses = objective.losses(p, xc, yc)
+            return jnp.sum(mc.astype(losses.dtype) * losses)
+
+        g = jax.grad(masked_sum)(params)
         return jax.tree.map(jnp.add, acc, g), None
 
     acc, _ = jax.lax.scan(body, zero, (xs, ys, ms))
