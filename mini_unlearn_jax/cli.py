@@ -25,6 +25,13 @@ import numpy as np
 EXIT_BAD_INPUT, EXIT_NOT_CONVERGED = 1, 2
 
 
+
+NONCONVEX_CAVEAT = (
+    "non-convex model: approximate unlearning finds parameters near the trained ones that fit the "
+    "remaining data; on the project's MLPs this does not reproduce retraining's predictions or its "
+    "membership-inference resistance (see experiments/results/mlp_limits/table.md). Measure it with "
+    "--compare-retrain --mia, and retrain where the removed examples must provably not be memorised.")
+
 def log(msg: str) -> None:
     print(f"[mini-unlearn] {msg}", file=sys.stderr, flush=True)
 
@@ -195,6 +202,9 @@ def cmd_unlearn(args) -> int:
         "curvature_stats_bytes": meta["curvature_stats_bytes"],
         "details": {k: v for k, v in res.info.items() if k != "own_original"},
     }
+    if run.objective.kind != "logreg" and args.method != "retrain":
+        report["caveat"] = NONCONVEX_CAVEAT
+        log(f"caveat: {NONCONVEX_CAVEAT}")
     ref = None
     if args.compare_retrain or args.mia:
         if args.method == "deltagrad":

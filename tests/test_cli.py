@@ -225,3 +225,18 @@ def test_interrupted_unlearn_leaves_no_valid_result(run_dir, tmp_path):
     proc.kill()
     proc.wait()
     assert not out.exists() and not is_run(out)
+
+
+def test_nonconvex_model_reports_a_caveat(run_dir, tmp_path):
+    """An MLP's unlearning report carries the non-convex caveat; a logistic-regression one does not."""
+    mlp_run = tmp_path / "mlp"
+    assert main(["train", "--data", SPEC, "--model", "mlp", "--hidden", "8", "--l2", "1e-3",
+                 "--out", str(mlp_run)]) == 0
+    # a 60-step MLP may or may not meet the solver's tolerance (exit 2): report.json is written either way
+    assert main(["unlearn", "--run", str(mlp_run), "--method", "mini", "--ratio", "0.1",
+                 "--out", str(tmp_path / "u_mlp")]) in (0, 2)
+    report = json.loads((tmp_path / "u_mlp" / "report.json").read_text())
+    assert "mlp_limits" in report["caveat"]
+    assert main(["unlearn", "--run", str(run_dir), "--method", "mini", "--ratio", "0.1",
+                 "--out", str(tmp_path / "u_lr")]) == 0
+    assert "caveat" not in json.loads((tmp_path / "u_lr" / "report.json").read_text())
