@@ -91,11 +91,16 @@ def _log_probs(objective: Objective, params: Params, x: Any, chunk: int = 8192) 
     return np.concatenate(out)
 
 
-def _check_sets(x_forget, y_forget, x_heldout, y_heldout) -> None:
+def _attack_sets(x_forget, y_forget, x_heldout, y_heldout, seed: int, balance: bool):
+    """Checked members (forget) and non-members (held-out), subsampled by :func:`balanced_indices`:
+    ``(member_idx, nonmember_idx, (x_mem, y_mem), (x_non, y_non))``."""
     if len(x_forget) != len(y_forget) or len(x_heldout) != len(y_heldout):
         raise ValueError("x and y of the forget / held-out sets must have the same length")
     if len(x_forget) < 1 or len(x_heldout) < 1:
         raise ValueError(f"need a non-empty forget set and held-out set, got {len(x_forget)} and {len(x_heldout)}")
+    mem, non = balanced_indices(len(x_forget), len(x_heldout), seed=seed, balance=balance)
+    return (mem, non, (np.asarray(x_forget)[mem], np.asarray(y_forget)[mem]),
+            (np.asarray(x_heldout)[non], np.asarray(y_heldout)[non]))
 
 
 # =============================================================================
@@ -132,10 +137,7 @@ def default_mia(
       ``{name: {"attack": "loss", "auc", "advantage", "tpr_at_1pct_fpr",
       "tpr_at_0.1pct_fpr", "auc_se", "n_members", "n_nonmembers"}}``.
     """
-    _check_sets(x_forget, y_forget, x_heldout, y_heldout)
-    mem, non = balanced_indices(len(x_forget), len(x_heldout), seed=seed, balance=balance)
-    xf, yf = np.asarray(x_forget)[mem], np.asarray(y_forget)[mem]
-    xh, yh = np.asarray(x_heldout)[non], np.asarray(y_heldout)[non]
+    _, _, (xf, yf), (xh, yh) = _attack_sets(x_forget, y_forget, x_heldout, y_heldout, seed, balance)
     score = A.THRESHOLD_ATTACKS[A.DEFAULT_ATTACK]
     out = {}
     for name, params in params_by_name.items():
@@ -278,10 +280,7 @@ def full_suite(
       attack but the learned one. With ``return_scores`` a third item
       ``{name: {attack: (member_scores, nonmember_scores)}}`` (same attacks as ``curves``).
     """
-    _check_sets(x_forget, y_forget, x_heldout, y_heldout)
-    mem, non = balanced_indices(len(x_forget), len(x_heldout), seed=seed, balance=balance)
-    xf, yf = np.asarray(x_forget)[mem], np.asarray(y_forget)[mem]
-    xh, yh = np.asarray(x_heldout)[non], np.asarray(y_heldout)[non]
+    mem, non, (xf, yf), (xh, yh) = _attack_sets(x_forget, y_forget, x_heldout, y_heldout, seed, balance)
     nf, nh = len(mem), len(non)
     shadow_info: dict[str, Any]
     if shadows is None:
