@@ -49,7 +49,7 @@ Params = Any
 CONVERGED, MAX_ITER, EXPANDING, NONFINITE, REFINE_FAILED = 0, 1, 2, 3, 4
 REASONS = {
     CONVERGED: "converged",
-    MAX_ITER: "step cap reached before the step norm fell below the tolerance",
+    MAX_ITER: "step cap reached before the step norm fell below the tolerance; the original parameters are returned",
     EXPANDING: "the map is not contractive here (step norms grew); the original parameters are returned",
     NONFINITE: "NaN/inf appeared in the iteration; the original parameters are returned",
     REFINE_FAILED: "the refinement produced NaN/inf; the original parameters are returned",
@@ -78,7 +78,7 @@ class MiniConfig:
     """
 
     curvature: str = "auto"
-    refine_passes: int = 6
+    refine_passes: int = 4
     max_iter: int = 100
     tol: float = 1e-5
     chunk: int = 256
@@ -100,8 +100,8 @@ class MiniConfig:
 class UnlearnResult(NamedTuple):
     """What :func:`unlearn` returns (leaves gain a leading axis in :func:`unlearn_many`).
 
-    ``params`` are the unlearned parameters when ``converged``; on a divergence they are the
-    original parameters (never the diverged iterate). ``contraction`` is the estimated factor
+    ``params`` are the unlearned parameters when ``converged``; otherwise they are the input
+    parameters, bit for bit (never the diverged iterate). ``contraction`` is the estimated factor
     ``q`` (ratio of the last two step norms; for a linear contraction this tends to the true
     factor from below as the iteration proceeds) and ``error_bound = q/(1-q) * step_norm`` the
     a-posteriori bound on the distance from the returned fixed-point iterate to the fixed point
@@ -343,6 +343,9 @@ def _solve(objective: Objective, cfg: MiniConfig, kind: str, params, snap_params
     out_params = unravel(w_out)
     if objective.canonicalize is not None:
         out_params = objective.canonicalize(out_params)
+    # a request that did not converge returns its input parameters bit for bit (selected, not
+    # recomputed: unravel/canonicalize of w0 may differ from them by rounding)
+    out_params = jax.tree.map(lambda new, old: jnp.where(converged, new.astype(old.dtype), old), out_params, params)
     return UnlearnResult(
         params=out_params,
         converged=converged,
