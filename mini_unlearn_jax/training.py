@@ -102,7 +102,8 @@ class Trainer:
         self.opt = make_optimizer(cfg)
         self.buffer: SnapshotBuffer = snapshot_buffer(cfg.snapshots, cfg.snapshot_every)
         self._run_chunk = jax.jit(self._chunk, static_argnames=("length",))
-        self._full_grad = jax.jit(self.full_data_grad)
+        self._init = jax.jit(self.init)
+        self._finish = jax.jit(self.finish)
         self.compile_s = 0.0  # seconds spent compiling, accumulated over fit() calls
 
     def _call(self, name: str, fn, *args, **static):
@@ -146,7 +147,7 @@ class Trainer:
                 updates, opt_state = self.opt.update(grad, state.opt_state, state.params)
             data_grad = jax.tree.map(jnp.subtract, grad, obj.penalty_grad(state.params))
             snaps = self.buffer.update(state.snapshots, state.step, state.params, data_grad)
-            gnorm = tree_norm(grad)
+            gnorm = tree_norm(grad).astype(state.grad_norm.dtype)
         else:
             bidx, bw = self._batch(state.step, weights)
             fn = lambda p: obj.data_loss(p, x[bidx], y[bidx], bw) + obj.penalty(p)
@@ -162,6 +163,15 @@ class Trainer:
             gnorm = state.grad_norm
         params = optax.apply_updates(state.params, updates)
         return TrainState(state.step + 1, params, opt_state, snaps, gnorm)
+
+    def finish(self, state: TrainState, x, y, weights) -> TrainState:
+        """Canonicalise the final parameters and record ``(T, w*, grad G_D(w*))`` in the buffer."""
+        if self.objective.canonicalize is not None:
+            state = state._replace(params=self.objective.canonicalize(state.params))
+        g = self.full_data_grad(state.params, x, y, weights)
+        snaps = self.buffer.update(state.snapshots, state.step, state.params, g, force=True)
+        full = jax.tree.map(jnp.add, g, self.objective.penalty_grad(state.params))
+        return state._replace(snapshots=snaps, grad_norm=tree_norm(full).astype(state.grad_norm.dtype))
 
     def _batch(self, step, weights):
         """Indices and weights of mini-batch ``step``: epoch-wise permutation from the seed."""
@@ -193,8 +203,10 @@ class Trainer:
         cfg = self.cfg
         x = jnp.asarray(x)
         y = jnp.asarray(y)
-        weights = jnp.ones((x.shape[0],), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
-        state = self.init(params)
+        weights = jnp.asarray(np.ones((x.shape[0],), np.float32) if weights is None else weights, jnp.float32)
+        # every jax computation runs through an ahead-of-time compiled program, so that
+        # compile_s holds all of the compilation and the rest of the wall time is running
+        state = self._call("init", self._init, params)
         t0 = time.perf_counter()
         done = 0
         while done < cfg.steps:
@@ -211,12 +223,7 @@ class Trainer:
                 raise FloatingPointError(f"{label}: training diverged (gradient norm {gn}); lower the learning rate")
             if cfg.batch_size is None and gn < cfg.tol:
                 break
-        if self.objective.canonicalize is not None:
-            state = state._replace(params=self.objective.canonicalize(state.params))
-        g = self._call("grad", self._full_grad, state.params, x, y, weights)
-        snaps = self.buffer.update(state.snapshots, state.step, state.params, g, force=True)
-        full = jax.tree.map(jnp.add, g, self.objective.penalty_grad(state.params))
-        return state._replace(snapshots=snaps, grad_norm=tree_norm(full))
+        return self._call("finish", self._finish, state, x, y, weights)
 
 
 def train(objective: Objective, cfg: TrainConfig, params: Params, x, y, weights=None, **kw) -> TrainState:
