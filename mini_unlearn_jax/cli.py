@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -55,8 +54,7 @@ def cmd_train(args) -> int:
     from .training import Trainer, default_config
 
     out = Path(args.out)
-    if out.exists() and (ck.is_run(out) or any(out.iterdir())):
-        raise UsageError(f"{out} already exists and is not empty; a trained run is never overwritten -- choose a new --out")
+    ck.check_output_dir(out)  # a new or empty directory only: train never replaces anything
     if not (args.l2 >= 0 and np.isfinite(args.l2)):
         raise UsageError(f"--l2 must be a finite number >= 0, got {args.l2}")
     ds = load_dataset(args.data)
@@ -163,10 +161,7 @@ def cmd_unlearn(args) -> int:
     run_dir = Path(args.run).absolute()
     if out.absolute() == run_dir or run_dir in out.absolute().parents:
         raise UsageError("--out must not be the run directory or inside it: the trained run is never modified")
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise UsageError(f"{out} already holds a result; choose a new --out or pass --overwrite")
-    if out.exists() and ck.is_run(out) and ck.read_meta(out).get("kind") == "trained":
-        raise UsageError(f"{out} holds a trained run, which is never overwritten; choose a new --out")
+    ck.check_output_dir(out, overwrite=args.overwrite)  # --overwrite replaces only a result of ours, nothing else
     run = ck.load_run(run_dir)
     meta = run.meta
     ds = load_dataset(meta["data_spec"])
@@ -253,16 +248,13 @@ def cmd_unlearn(args) -> int:
     probs_file = None
     if args.export_probs:
         probs_file = Path(args.export_probs)
-        if probs_file.exists() and not args.overwrite:
-            raise UsageError(f"{probs_file} exists; choose another --export-probs path or pass --overwrite")
+        ck.check_output_file(probs_file, overwrite=args.overwrite)
     ck.save_run(out, params=res.params, opt_state=run.opt_state, snapshots=snaps, stats=stats, removed=removed_all,
                 meta=new_meta, overwrite=args.overwrite,
                 extra_files={"report.json": json.dumps(report, indent=2, default=float)})
     if probs_file is not None:
-        probs_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = probs_file.with_name(probs_file.name + ".partial.npz")
-        np.savez(tmp, test=p_test.astype(np.float32), forget=p_forget.astype(np.float32), forget_indices=forget)
-        os.replace(tmp, probs_file)
+        ck.write_npz_atomic(probs_file, {"test": p_test.astype(np.float32), "forget": p_forget.astype(np.float32),
+                                         "forget_indices": forget}, overwrite=args.overwrite)
     print(json.dumps(report, indent=2, default=float))
     log(f"result written to {out}")
     return 0

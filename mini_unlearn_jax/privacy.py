@@ -18,10 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -452,18 +449,18 @@ def _log(msg: str) -> None:
 
 
 def _write_dir_atomic(out: Path, report_text: str, curves: dict[str, tuple[Any, Any]], title: str) -> None:
-    out = out.absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    """report.json and roc.png, written by the project's one atomic directory writer (marker kind "attack")."""
+    from . import checkpoint as ck
+    from .cli import UsageError
+
+    def fill(tmp: Path) -> None:
         A.plot_roc(curves, tmp / "roc.png", title=title)
         (tmp / "report.json").write_text(report_text)
-        if out.exists():
-            out.rmdir()  # checked empty before any work
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    try:
+        ck.write_dir_atomic(out, fill, kind="attack")  # never replaces anything (attack has no --overwrite)
+    except ck.OutputExistsError as e:
+        raise UsageError(str(e)) from e
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
@@ -481,9 +478,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
     t_start = time.perf_counter()
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"{out} already exists and is not empty; attack results are never overwritten -- "
-                         "choose a new --out")
+    try:
+        ck.check_output_dir(out)  # a new or empty directory only: attack results never replace anything
+    except ck.OutputExistsError as e:
+        raise UsageError(str(e)) from e
     if args.shadows < 2:
         raise UsageError(f"--shadows must be at least 2 (LiRA wants 16 or more), got {args.shadows}")
     if args.shadow_steps is not None and args.shadow_steps < 1:
