@@ -1,13 +1,15 @@
 """The ``mini-unlearn`` command line: train, unlearn, info.
 
     mini-unlearn train --data SPEC --model {logreg,mlp} [--l2 FLOAT] [--hidden INT] [--seed INT] --out RUN_DIR
-    mini-unlearn unlearn --run RUN_DIR --method NAME (--ratio FLOAT | --forget FILE.npy) [--seed INT]
-                         [--compare-retrain] --out OUT_DIR [--export-probs FILE.npz] [--overwrite]
-    mini-unlearn info RUN_DIR
+    mini-unlearn unlearn --run RUN_DIR [--method mini] (--ratio FLOAT | --forget FILE) [--seed INT]
+                         [--compare-retrain] [--mia] --out OUT_DIR [--export-probs FILE.npz] [--overwrite] [--json]
+    mini-unlearn info RUN_DIR [--indices]
     mini-unlearn attack --run RUN_DIR --unlearned OUT_DIR --out ATTACK_DIR   (full MIA suite incl. LiRA)
 
 Exit codes: 0 success, 1 bad input (message on stderr, nothing written), 2 the method did not
-converge (report.json says why; no model is saved).
+converge (report.json says why; no model is saved), 130 interrupted (nothing written).
+Each command prints one summary line on stdout; progress goes to stderr. report.json's fields
+are documented in the README ("What report.json holds").
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-EXIT_BAD_INPUT, EXIT_NOT_CONVERGED = 1, 2
+from .runtime import process_wall_s
+
+EXIT_BAD_INPUT, EXIT_NOT_CONVERGED, EXIT_INTERRUPTED = 1, 2, 130
 
 
 
@@ -97,27 +101,77 @@ def cmd_train(args) -> int:
         "snapshot_buffer_bytes": nbytes(state.snapshots), "curvature_stats_bytes": nbytes(stats) if stats is not None else 0,
         "ledger": [], "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    meta["train_wall_s"] = process_wall_s()  # the whole command up to saving
     ck.save_run(out, params=state.params, opt_state=state.opt_state, snapshots=state.snapshots, stats=stats,
                 removed=np.zeros((0,), np.int32), meta=meta)
-    log(f"done in {train_s:.1f}s (+{trainer.compile_s:.1f}s compile): train acc {meta['train_acc']:.4f}, "
-        f"test acc {meta['test_acc']:.4f}, final gradient norm {meta['final_grad_norm']:.2e}")
     log(f"params {param_count} ({meta['param_bytes']} B), snapshot buffer {meta['snapshot_buffer_bytes']} B "
-        f"(K={cfg.snapshots}), curvature stats {meta['curvature_stats_bytes']} B -> {out}")
+        f"(K={cfg.snapshots}), curvature stats {meta['curvature_stats_bytes']} B")
+    print(f"trained {args.model} on {args.data} (n={ds.n_train}) in {train_s:.1f}s (+{trainer.compile_s:.1f}s "
+          f"compile): train acc {meta['train_acc']:.4f}, test acc {meta['test_acc']:.4f}; command "
+          f"{process_wall_s():.1f}s -> {out}")
     return 0
 
 
 # -- unlearn --------------------------------------------------------------------------------
 
 
-def load_forget(args, n_original: int, removed: np.ndarray) -> np.ndarray:
+def read_forget_file(path: Path) -> np.ndarray:
+    """Indices from ``--forget``: a ``.npy`` integer array, or a text file with one integer per
+    line (a one-column CSV; a non-numeric first line is taken as a header). Integers only: a
+    float such as ``1.0`` is refused like ``1.5``, so a file means what it says."""
+    if not path.is_file():
+        raise UsageError(f"--forget {path} not found: give a .npy file or a text file of training indices, one per line")
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head == b"\x93NUMPY":
+        try:
+            idx = np.load(path, allow_pickle=False)
+        except ValueError as e:
+            raise UsageError(f"--forget {path} holds pickled objects, which are never loaded; save a plain integer "
+                             "array with np.save(path, np.asarray(indices, dtype=np.int64))") from e
+        except Exception as e:
+            raise UsageError(f"--forget {path} is not a readable .npy array ({e}); save it with "
+                             "np.save(path, np.asarray(indices, dtype=np.int64))") from e
+        if idx.dtype.kind not in "iu":
+            raise UsageError(f"--forget {path} holds {idx.dtype} values; indices must be saved as integers "
+                             "(np.save(path, np.asarray(indices, dtype=np.int64)))")
+        return idx
+    try:
+        lines = [ln.strip().rstrip(",") for ln in path.read_text().splitlines()]
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--forget {path} is neither a .npy array nor a text file of indices") from e
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    if lines and not lines[0].lstrip("+-").isdigit() and not _looks_numeric(lines[0]):
+        lines = lines[1:]  # a header such as "index"
+    bad = [(i, ln) for i, ln in enumerate(lines) if not ln.lstrip("+-").isdigit()]
+    if bad:
+        i, ln = bad[0]
+        raise UsageError(f"--forget {path}: entry {i + 1} is {ln!r}; give one integer index per line "
+                         f"({len(bad)} entries are not integers)")
+    return np.asarray([int(ln) for ln in lines], dtype=np.int64)
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def check_ratio_args(args) -> None:
+    """The checks that need neither the run nor the data (run before anything is loaded)."""
+    if (args.ratio is None) == (args.forget is None):
+        raise UsageError("give exactly one of --ratio FLOAT or --forget FILE (.npy, or text with one index per line)")
+    if args.ratio is not None and not (0.0 < args.ratio < 1.0):
+        raise UsageError(f"--ratio must lie strictly between 0 and 1, got {args.ratio}")
+
+
+def load_forget(args, n_original: int, removed: np.ndarray, from_file: np.ndarray | None) -> np.ndarray:
     from .mini import validate_indices
 
-    if (args.ratio is None) == (args.forget is None):
-        raise UsageError("give exactly one of --ratio FLOAT or --forget FILE.npy")
     alive = np.setdiff1d(np.arange(n_original), removed)
     if args.ratio is not None:
-        if not (0.0 < args.ratio < 1.0):
-            raise UsageError(f"--ratio must lie strictly between 0 and 1, got {args.ratio}")
         r = int(round(args.ratio * alive.size))
         if r < 1:
             raise UsageError(f"--ratio {args.ratio} of {alive.size} examples removes nothing; use a larger ratio")
@@ -125,20 +179,13 @@ def load_forget(args, n_original: int, removed: np.ndarray) -> np.ndarray:
             raise UsageError(f"--ratio {args.ratio} would remove every remaining example")
         rng = np.random.default_rng(args.seed)
         return np.sort(rng.choice(alive, size=r, replace=False)).astype(np.int32)
-    path = Path(args.forget)
-    if not path.exists():
-        raise UsageError(f"--forget {path} not found: give a .npy file of training indices")
     try:
-        idx = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise UsageError(f"--forget {path} is not a readable .npy array ({e}); save it with np.save(path, indices)") from e
-    try:
-        idx = validate_indices(idx, n_original)
+        idx = validate_indices(from_file, n_original)
     except ValueError as e:
-        raise UsageError(f"--forget {path}: {e}") from e
+        raise UsageError(f"--forget {args.forget}: {e}") from e
     again = np.intersect1d(idx, removed)
     if again.size:
-        raise UsageError(f"--forget {path}: {again.size} indices were already removed by an earlier request "
+        raise UsageError(f"--forget {args.forget}: {again.size} indices were already removed by an earlier request "
                          f"(e.g. {again[:5].tolist()}); see `mini-unlearn info {args.run}` and drop them")
     if idx.size >= alive.size:
         raise UsageError("the forget set covers every remaining example; nothing would remain to learn from")
@@ -146,22 +193,32 @@ def load_forget(args, n_original: int, removed: np.ndarray) -> np.ndarray:
 
 
 def cmd_unlearn(args) -> int:
-    import jax.numpy as jnp
-
     from . import checkpoint as ck
     from . import methods as M
-    from . import metrics as mt
-    from .data import load_dataset
-    from .models import init_params
-    from .snapshots import nbytes
 
+    # every check that needs neither the run nor the data comes first (loading takes seconds)
     if args.method not in M.METHODS:
         raise UsageError(f"unknown --method {args.method!r}: choose one of {', '.join(M.METHODS)}")
+    check_ratio_args(args)
+    from_file = read_forget_file(Path(args.forget)) if args.forget is not None else None
     out = Path(args.out)
     run_dir = Path(args.run).absolute()
     if out.absolute() == run_dir or run_dir in out.absolute().parents:
         raise UsageError("--out must not be the run directory or inside it: the trained run is never modified")
     ck.check_output_dir(out, overwrite=args.overwrite)  # --overwrite replaces only a result of ours, nothing else
+    probs_file = Path(args.export_probs) if args.export_probs else None
+    if probs_file is not None:
+        ck.check_output_file(probs_file, overwrite=args.overwrite)
+    ck.read_meta(run_dir)  # a missing or foreign run directory fails here, before anything heavy
+
+    import jax.numpy as jnp
+
+    from . import metrics as mt
+    from .data import load_dataset
+    from .models import init_params
+    from .snapshots import nbytes
+
+    t_load = time.perf_counter()
     run = ck.load_run(run_dir)
     meta = run.meta
     ds = load_dataset(meta["data_spec"])
@@ -169,7 +226,7 @@ def cmd_unlearn(args) -> int:
         raise UsageError(f"the data behind {meta['data_spec']!r} differs from what {run_dir} was trained on "
                          "(fingerprint mismatch); restore the original data or retrain on the new data")
     n_original = ds.n_train
-    forget = load_forget(args, n_original, run.removed)
+    forget = load_forget(args, n_original, run.removed, from_file)
     alive = np.setdiff1d(np.arange(n_original), run.removed)
     local = np.searchsorted(alive, forget).astype(np.int32)
     x = jnp.asarray(ds.x_train[alive])
@@ -177,6 +234,7 @@ def cmd_unlearn(args) -> int:
     n = int(alive.size)
     params0 = init_params(run.model, ds.x_train[0], run.train_config.seed)
     problem = M.Problem(run.objective, run.train_config, params0, run.params, run.snapshots, run.stats, x, y)
+    load_s = time.perf_counter() - t_load
     log(f"{args.method}: removing {forget.size} of {n} examples ({forget.size / n:.1%})")
     res = M.run_method(args.method, problem, local)
     log(f"{args.method}: {res.reason} in {res.time_s:.3f}s (+{res.compile_s:.2f}s compile)")
@@ -188,10 +246,10 @@ def cmd_unlearn(args) -> int:
     p_retain = mt.predict_probs(run.objective, res.params, x[keep])
     report = {
         "method": args.method, "ratio": float(forget.size / n), "n_train": n, "n_removed": int(forget.size),
-        "time_s": res.time_s, "compile_s": res.compile_s,
+        "converged": bool(res.converged), "reason": res.reason,
+        "unlearn_s": res.time_s, "time_s": res.time_s, "compile_s": res.compile_s, "load_s": load_s,
         "test_acc": mt.accuracy(p_test, ds.y_test), "forget_acc": mt.accuracy(p_forget, np.asarray(y)[local]),
         "retain_acc": mt.accuracy(p_retain, np.asarray(y)[keep]),
-        "converged": bool(res.converged), "reason": res.reason,
         "seed": args.seed, "run": str(run_dir), "data_spec": meta["data_spec"],
         "param_count": meta["param_count"], "snapshot_buffer_bytes": meta["snapshot_buffer_bytes"],
         "curvature_stats_bytes": meta["curvature_stats_bytes"],
@@ -200,14 +258,22 @@ def cmd_unlearn(args) -> int:
     if run.objective.kind != "logreg" and args.method != "retrain":
         report["caveat"] = NONCONVEX_CAVEAT
         log(f"caveat: {NONCONVEX_CAVEAT}")
+    if res.converged:
+        # ready the result for the next request: buffer and curvature statistics at the new
+        # parameters (one pass over the remaining data; part of what a request costs)
+        log("refreshing the snapshot buffer and curvature statistics for the next request ...")
+        nxt = M.refresh_for_next_request(problem, res.params, local)
+        report["refresh_s"], report["refresh_compile_s"] = nxt.time_s, nxt.compile_s
     ref = None
     if args.compare_retrain or args.mia:
+        t_ref = time.perf_counter()
         if args.method == "deltagrad":
             log("retraining with DeltaGrad's own (S)GD recipe for reference ...")
             ref = M.deltagrad_retrain(problem, local)
         else:
-            log("retraining on the remaining data for reference ...")
-            ref = M.run_method("retrain", problem, local)
+            log(f"retraining on the remaining data for reference ({problem.train_config.steps} steps at most) ...")
+            ref = M.run_method("retrain", problem, local, verbose=True)
+        report["reference_wall_s"] = time.perf_counter() - t_ref
     if args.mia:
         from .privacy import mia_for_report
 
@@ -217,47 +283,63 @@ def cmd_unlearn(args) -> int:
         p_ref_test = mt.predict_probs(run.objective, ref.params, ds.x_test)
         p_ref_forget = mt.predict_probs(run.objective, ref.params, x[local])
         p_orig_test = mt.predict_probs(run.objective, original, ds.x_test)
+        kl_test, original_kl = mt.mean_kl(p_ref_test, p_test), mt.mean_kl(p_ref_test, p_orig_test)
+        retrain_s = max(ref.time_s, 1e-12)
         report.update({
             "retrain_time_s": ref.time_s, "retrain_compile_s": ref.compile_s,
-            "time_ratio": res.time_s / max(ref.time_s, 1e-12),
+            "time_ratio": (res.time_s + report.get("refresh_s", 0.0)) / retrain_s,
+            "solve_time_ratio": res.time_s / retrain_s,
             "rel_param_error": mt.rel_param_error(res.params, ref.params, original),
-            "kl_test": mt.mean_kl(p_ref_test, p_test), "kl_forget": mt.mean_kl(p_ref_forget, p_forget),
+            "kl_test": kl_test, "original_kl_test": original_kl, "kl_ratio": kl_test / max(original_kl, 1e-30),
+            "kl_forget": mt.mean_kl(p_ref_forget, p_forget),
             "agreement_test": mt.agreement(p_ref_test, p_test),
-            "original_kl_test": mt.mean_kl(p_ref_test, p_orig_test),
             "retrain_test_acc": mt.accuracy(p_ref_test, ds.y_test),
             "original_test_acc": mt.accuracy(p_orig_test, ds.y_test),
         })
+    from .runtime import cache_counts
+
+    report["compile_cache"] = dict(cache_counts(), dir=args.compile_cache_dir)
     if not res.converged:
+        report["wall_s"] = process_wall_s()
         text = json.dumps(report, indent=2, default=float)
         ck.write_files_atomic(out, {"report.json": text}, overwrite=args.overwrite)
         log(f"NOT CONVERGED: {res.reason}. report.json written to {out}; no model was saved.")
-        print(text)
+        print(summary_line(report, out) if not args.json else text)
         return EXIT_NOT_CONVERGED
-    # refresh the snapshot buffer (and curvature stats) at the new parameters for the next request
-    t0 = time.perf_counter()
-    nxt = M.after_removal(problem, res.params, local)
-    snaps, stats = nxt.snapshots, nxt.stats
-    refresh_s = time.perf_counter() - t0
-    report["refresh_s"] = refresh_s
     removed_all = np.concatenate([run.removed, forget]).astype(np.int32)
     entry = {"method": args.method, "n_removed": int(forget.size), "time_s": res.time_s,
              "data_fingerprint": meta["data_fingerprint"], "parent": str(run_dir),
              "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    p_train_now = mt.predict_probs(run.objective, res.params, x[keep])
     new_meta = dict(meta, kind="unlearned", n_train=int(n - forget.size), ledger=list(meta.get("ledger", [])) + [entry],
-                    test_acc=report["test_acc"], curvature_stats_bytes=nbytes(stats) if stats is not None else 0)
-    probs_file = None
-    if args.export_probs:
-        probs_file = Path(args.export_probs)
-        ck.check_output_file(probs_file, overwrite=args.overwrite)
-    ck.save_run(out, params=res.params, opt_state=run.opt_state, snapshots=snaps, stats=stats, removed=removed_all,
-                meta=new_meta, overwrite=args.overwrite,
-                extra_files={"report.json": json.dumps(report, indent=2, default=float)})
+                    test_acc=report["test_acc"], train_acc=mt.accuracy(p_train_now, np.asarray(y)[keep]),
+                    steps_run=None, final_grad_norm=None,
+                    curvature_stats_bytes=nbytes(nxt.problem.stats) if nxt.problem.stats is not None else 0)
+    report["wall_s"] = process_wall_s()  # up to writing the result (measured before the write)
+    text = json.dumps(report, indent=2, default=float)
+    ck.save_run(out, params=res.params, opt_state=run.opt_state, snapshots=nxt.problem.snapshots,
+                stats=nxt.problem.stats, removed=removed_all, meta=new_meta, overwrite=args.overwrite,
+                extra_files={"report.json": text})
     if probs_file is not None:
         ck.write_npz_atomic(probs_file, {"test": p_test.astype(np.float32), "forget": p_forget.astype(np.float32),
                                          "forget_indices": forget}, overwrite=args.overwrite)
-    print(json.dumps(report, indent=2, default=float))
-    log(f"result written to {out}")
+    print(summary_line(report, out) if not args.json else text)
     return 0
+
+
+def summary_line(r: dict, out: Path) -> str:
+    """One human line per unlearn command (report.json holds everything)."""
+    head = f"{r['method']}: removed {r['n_removed']} of {r['n_train']} ({r['ratio']:.1%})"
+    if not r["converged"]:
+        return f"{head}: NOT CONVERGED ({r['reason']}); report in {out}/report.json, no model saved"
+    text = (f"{head} in {r['unlearn_s']:.2f}s + {r.get('refresh_s', 0.0):.2f}s refresh "
+            f"(+{r['compile_s'] + r.get('refresh_compile_s', 0.0):.1f}s compile), test acc {r['test_acc']:.4f}")
+    if "time_ratio" in r:
+        text += (f"; vs retraining ({r['retrain_time_s']:.2f}s, test acc {r['retrain_test_acc']:.4f}): time ratio "
+                 f"{r['time_ratio']:.3f}, KL ratio {r['kl_ratio']:.3f}, rel param error {r['rel_param_error']:.3f}")
+    if "mia" in r and "auc_gap_to_retrain" in r["mia"]:
+        text += f"; MIA AUC gap to retrain {r['mia']['auc_gap_to_retrain']:+.3f}"
+    return text + f"; command {r['wall_s']:.1f}s -> {out}"
 
 
 # -- info -----------------------------------------------------------------------------------
@@ -271,7 +353,9 @@ def cmd_info(args) -> int:
             "steps_run", "final_grad_norm", "train_acc", "test_acc", "param_count", "snapshot_buffer_bytes",
             "curvature_stats_bytes"]
     for k in keys:
-        if k in meta:
+        if k == "hidden" and meta.get("model") == "logreg":
+            continue  # a logistic model has no hidden layer
+        if meta.get(k) is not None:
             print(f"{k:24s} {meta[k]}")
     ledger = meta.get("ledger", [])
     print(f"ledger                   {len(ledger)} request(s), {meta.get('n_removed_total', 0)} examples removed")
@@ -287,38 +371,53 @@ def cmd_info(args) -> int:
 # -- entry point ----------------------------------------------------------------------------
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mini-unlearn", description="Train, unlearn and evaluate (Mini-Unlearning in JAX).")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train a model and save a run directory")
-    t.add_argument("--data", required=True, help="fashion_mnist | digits | breast_cancer | npz:PATH | synthetic[:...] | tfds:NAME")
-    t.add_argument("--model", required=True, choices=["logreg", "mlp"])
-    t.add_argument("--l2", type=float, default=1e-3)
-    t.add_argument("--hidden", type=int, default=256)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", required=True)
+    from . import __version__
+    from .methods import METHODS
+
+    p = argparse.ArgumentParser(prog="mini-unlearn", description="Train, unlearn and evaluate (Mini-Unlearning in JAX).",
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=_Formatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{train,unlearn,info,attack}")
+    t = sub.add_parser("train", help="train a model and save a run directory", formatter_class=_Formatter)
+    t.add_argument("--data", required=True, help="fashion_mnist[:n_train=N,n_test=M] | mnist5k | digits | breast_cancer "
+                   "| covtype | npz:PATH | synthetic[:n=,n_test=,d=,classes=,seed=,sep=] | tfds:NAME[:TRAIN;TEST]")
+    t.add_argument("--model", required=True, choices=["logreg", "mlp"], help="model family")
+    t.add_argument("--l2", type=float, default=1e-3, help="L2 penalty on the weights (bias not penalised)")
+    t.add_argument("--hidden", type=int, default=256, help="hidden width of the MLP (ignored for logreg)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batch order")
+    t.add_argument("--out", required=True, help="new (or empty) run directory to write")
     t.add_argument("--steps", type=int, help="override the recipe's number of steps")
     t.add_argument("--batch-size", type=int, help="override the recipe's batch size")
     t.add_argument("--lr", type=float, help="override the recipe's learning rate (adam/sgd)")
     t.add_argument("--optimizer", choices=["lbfgs", "adam", "sgd"], help="override the recipe's optimizer")
-    t.add_argument("--snapshots", type=int, help="snapshot buffer size K")
-    u = sub.add_parser("unlearn", help="remove examples from a trained run into a new run directory")
-    u.add_argument("--run", required=True)
-    u.add_argument("--method", required=True, help="mini | mini-lite | mini-plus | retrain | newton | finetune | neggrad | deltagrad")
-    u.add_argument("--ratio", type=float)
-    u.add_argument("--forget", help=".npy file of training indices to remove")
-    u.add_argument("--seed", type=int, default=0)
-    u.add_argument("--compare-retrain", action="store_true")
-    u.add_argument("--out", required=True)
-    u.add_argument("--export-probs")
-    u.add_argument("--overwrite", action="store_true", help="replace an existing result in --out")
+    t.add_argument("--snapshots", type=int, help="override the snapshot buffer size K")
+    u = sub.add_parser("unlearn", help="remove examples from a trained run into a new run directory",
+                       formatter_class=_Formatter)
+    u.add_argument("--run", required=True, help="run directory from `train` (or an earlier `unlearn`)")
+    u.add_argument("--method", default="mini", metavar="NAME", help=f"unlearning method: {', '.join(METHODS)}")
+    u.add_argument("--ratio", type=float, help="remove this fraction of the remaining examples, drawn with --seed")
+    u.add_argument("--forget", help="file of training indices to remove: .npy integer array, or text with one per line")
+    u.add_argument("--seed", type=int, default=0, help="seed of the --ratio draw and of the MIA subsampling")
+    u.add_argument("--compare-retrain", action="store_true",
+                   help="also retrain on the remaining data and report fidelity and time ratios against it")
+    u.add_argument("--out", required=True, help="new (or empty) directory for the result")
+    u.add_argument("--export-probs", metavar="FILE.npz", help="also write test and forget-set probabilities here")
+    u.add_argument("--overwrite", action="store_true",
+                   help="replace --out (and --export-probs) if it holds an earlier result of mini-unlearn and "
+                        "nothing else; anything else is never replaced")
     u.add_argument("--mia", action="store_true",
                    help="add a loss-threshold membership-inference report (original / retrain / unlearned)")
+    u.add_argument("--json", action="store_true", help="print the whole report.json instead of one summary line")
     from .privacy import add_attack_parser
 
     add_attack_parser(sub)
-    i = sub.add_parser("info", help="print a run's metadata and deletion ledger")
-    i.add_argument("run")
+    i = sub.add_parser("info", help="print a run's metadata and deletion ledger", formatter_class=_Formatter)
+    i.add_argument("run", help="run directory")
     i.add_argument("--indices", action="store_true", help="also print the removed indices")
     return p
 
@@ -327,14 +426,24 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .runtime import enable_compilation_cache, quiet_third_party_logs
 
     try:
+        quiet_third_party_logs()
+        args.compile_cache_dir = None
+        if args.cmd in ("train", "unlearn", "attack"):
+            cache = enable_compilation_cache()
+            args.compile_cache_dir = str(cache) if cache is not None else None
         from .privacy import cmd_attack
 
         return {"train": cmd_train, "unlearn": cmd_unlearn, "info": cmd_info, "attack": cmd_attack}[args.cmd](args)
     except (UsageError, DataError, CheckpointError, FileExistsError, ValueError) as e:
         print(f"mini-unlearn {args.cmd}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"\nmini-unlearn {args.cmd}: interrupted; nothing was written (outputs appear only when complete)",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -137,11 +137,9 @@ def validate_indices(indices, n: int) -> np.ndarray:
         raise ValueError(f"forget indices must be a 1-D array, got shape {a.shape}")
     if a.size == 0:
         raise ValueError("the forget set is empty: give at least one training index to remove")
-    if not np.issubdtype(a.dtype, np.integer):
-        if np.issubdtype(a.dtype, np.floating) and np.all(np.isfinite(a)) and np.all(a == np.round(a)):
-            a = a.astype(np.int64)
-        else:
-            raise ValueError(f"forget indices must be integers, got dtype {a.dtype}")
+    if not np.issubdtype(a.dtype, np.integer):  # one rule: 1.0 is refused like 1.5
+        raise ValueError(f"forget indices must be integers, got dtype {a.dtype}; pass an integer array "
+                         "(e.g. np.asarray(indices, dtype=np.int64))")
     if a.min() < 0 or a.max() >= n:
         raise ValueError(f"forget indices must lie in [0, {n}), found range [{a.min()}, {a.max()}]")
     uniq = np.unique(a)
