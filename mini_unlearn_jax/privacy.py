@@ -435,7 +435,7 @@ def add_attack_parser(subparsers: Any) -> argparse.ArgumentParser:
     a.add_argument("--shadow-pool", choices=["all", "forget-heldout"], default="all",
                    help="shadows train on random halves of the forget + held-out examples plus the retained "
                         "training data ('all', default) or of the forget + held-out examples only")
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--seed", type=int, default=0, help="seed of the shadow models and of the member/non-member subsampling (default 0)")
     a.add_argument("--out", required=True, help="new directory for report.json and roc.png")
     a.set_defaults(func=cmd_attack)
     return a
