@@ -79,8 +79,9 @@ def test_help_shows_defaults_and_version():
     assert proc.returncode == 0
     text = " ".join(proc.stdout.split())
     assert "(default: mini)" in text and "(default: 0)" in text and "--overwrite" in text and "--mia" in text
-    for action in cli.build_parser()._subparsers._group_actions[0].choices["unlearn"]._actions:
-        assert action.help, action.option_strings  # every option says what it does
+    for name, sub in cli.build_parser()._subparsers._group_actions[0].choices.items():
+        for action in sub._actions:
+            assert action.help, (name, action.option_strings)  # every option says what it does
     proc = _cli(["--version"])
     assert proc.returncode == 0 and proc.stdout.startswith("mini-unlearn 0.")
 
