@@ -93,6 +93,9 @@ class MiniConfig:
             raise ValueError(f"unknown curvature {self.curvature!r}: use auto, ekfac, lbfgs or exact")
         if self.refine_passes < 0 or self.max_iter < 1 or self.chunk < 1 or self.min_bucket < 1:
             raise ValueError("refine_passes >= 0, max_iter >= 1, chunk >= 1 and min_bucket >= 1 are required")
+        if self.chunk & (self.chunk - 1) or self.min_bucket & (self.min_bucket - 1):
+            raise ValueError(f"chunk ({self.chunk}) and min_bucket ({self.min_bucket}) must be powers of two, so that "
+                             "a chunk divides every padded request size (buckets are powers of two); e.g. chunk=128")
         if not (self.tol > 0 and self.damping >= 0):
             raise ValueError("tol must be > 0 and damping >= 0")
 
@@ -118,8 +121,18 @@ class UnlearnResult(NamedTuple):
     refine_passes: jax.Array
     refine_residual: jax.Array
 
-    def reason(self) -> str:
-        return REASONS[int(self.status)]
+    def reason(self) -> str | list[str]:
+        """Why the solve stopped; a list with one message per request for a batched result."""
+        status = np.asarray(self.status)
+        if status.ndim == 0:
+            return REASONS[int(status)]
+        return [REASONS[int(s)] for s in status.reshape(-1)]
+
+    def request(self, i: int) -> UnlearnResult:
+        """Request ``i`` of a batched result from :func:`unlearn_many`, as a single result."""
+        if np.ndim(self.status) == 0:
+            raise ValueError("this is a single request's result, not a batch from unlearn_many")
+        return jax.tree.map(lambda a: a[i], self)
 
 
 # -- requests -----------------------------------------------------------------------------

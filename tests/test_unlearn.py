@@ -257,3 +257,23 @@ def test_removed_grad_sum_equals_sum_of_per_example_grads():
     per_ex = obj.example_grads(params, xr[:5], yr[:5])
     want = jax.tree.map(lambda g: g.sum(0), per_ex)
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_batched_result_gives_per_request_reasons_and_views(logreg):
+    ds, problem = logreg
+    many = ul.unlearn_many(problem.objective, problem.params, problem.snapshots, problem.x, problem.y,
+                           [np.arange(0, 20), np.arange(40, 90)], stats=problem.stats)
+    assert many.reason() == ["converged", "converged"]
+    one = many.request(1)
+    assert one.reason() == "converged" and np.ndim(one.status) == 0
+    single = ul.unlearn(problem.objective, problem.params, problem.snapshots, problem.x, problem.y,
+                        np.arange(40, 90), stats=problem.stats)
+    chex.assert_trees_all_close(one.params, single.params, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="not a batch"):
+        single.request(0)
+
+
+def test_chunk_that_does_not_divide_the_buckets_is_refused_up_front():
+    with pytest.raises(ValueError, match="powers of two"):
+        ul.MiniConfig(chunk=100)
+    ul.MiniConfig(chunk=128)
