@@ -10,6 +10,10 @@ With ``n`` training examples the objective is ``F(w) = (1/n) sum_i l_i(w) + l2/2
 (``M`` the mask); for :class:`LogisticRegression` with the default mask (kernel only,
 bias unpenalized) this is scikit-learn's ``LogisticRegression(C=1/(l2*n))`` objective
 for three or more classes, divided by ``n``.
+
+``make_objective(model, l2, penalize_bias=True)`` penalizes every parameter: with a convex
+per-example loss on a linear model the objective is then ``l2``-strongly convex in all
+parameters, which is what makes the certificate of :mod:`mini_unlearn_jax.certificate` a bound.
 """
 
 from __future__ import annotations
@@ -56,6 +60,12 @@ def cross_entropy(logits: Array, label: Array) -> Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, label)
 
 
+def squared_error(prediction: Array, target: Array) -> Array:
+    """Per-example squared error ``0.5 * ||prediction - target||^2`` (``prediction`` has shape [C];
+    with one output and a scalar target this is the least-squares loss of ridge regression)."""
+    return 0.5 * jnp.sum(jnp.square(prediction - target))
+
+
 def kernel_mask(params: Params) -> Params:
     """The default L2 mask: penalize every leaf named ``kernel``, leave biases free."""
 
@@ -65,6 +75,11 @@ def kernel_mask(params: Params) -> Params:
         return name == "kernel"
 
     return jax.tree_util.tree_map_with_path(is_kernel, params)
+
+
+def all_params_mask(params: Params) -> Params:
+    """The L2 mask of ``penalize_bias=True``: penalize every leaf, biases included."""
+    return jax.tree.map(lambda _: True, params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,16 +140,34 @@ class Objective:
         return self.data_loss(params, x, y, weights) + self.penalty(params)
 
 
-def make_objective(model: nn.Module, l2: float, *, example_loss=cross_entropy, l2_mask=kernel_mask) -> Objective:
-    """Wrap a flax module (called as ``model.apply({'params': p}, x)``) into an :class:`Objective`."""
+def make_objective(model: nn.Module, l2: float, *, example_loss=cross_entropy, l2_mask=kernel_mask,
+                   penalize_bias: bool = False) -> Objective:
+    """Wrap a flax module (called as ``model.apply({'params': p}, x)``) into an :class:`Objective`.
+
+    Args:
+      model: the flax module.
+      l2: the L2 coefficient.
+      example_loss: ``(logits[C], y[]) -> scalar``.
+      l2_mask: which leaves the L2 term penalizes (default: kernels only, biases free).
+      penalize_bias: penalize every parameter, biases included (``l2_mask=all_params_mask``).
+        With ``l2 > 0``, a linear model and a convex loss the objective is ``l2``-strongly convex
+        in all parameters, so :func:`mini_unlearn_jax.certificate.certify` gives a bound. The
+        softmax bias is then determined by the objective and is not re-centred.
+    """
+    if penalize_bias:
+        if l2_mask is not kernel_mask:
+            raise ValueError("give either penalize_bias=True or an l2_mask, not both")
+        l2_mask = all_params_mask
     is_logreg = isinstance(model, LogisticRegression)
 
     def apply_fn(params, x):
         return model.apply({"params": params}, x)
 
+    # centring the softmax bias leaves the objective unchanged only while the bias is unpenalized
+    centre = is_logreg and example_loss is cross_entropy and l2_mask is not all_params_mask
     return Objective(apply_fn=apply_fn, example_loss=example_loss, l2=float(l2), l2_mask=l2_mask,
                      kind="logreg" if is_logreg else "generic",
-                     canonicalize=center_softmax_bias if is_logreg and example_loss is cross_entropy else None)
+                     canonicalize=center_softmax_bias if centre else None)
 
 
 def center_softmax_bias(params: Params) -> Params:
