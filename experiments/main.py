@@ -90,6 +90,14 @@ def main() -> int:
                     help="also rewrite the committed reference table under experiments/results/")
     args = ap.parse_args()
     try:
+        import jax  # noqa: F401  (the CLI it drives runs in this same interpreter)
+
+        import mini_unlearn_jax  # noqa: F401
+    except ImportError as e:
+        print(f"[main] error: this Python ({sys.executable}) lacks the project's packages ({e}). Set up once "
+              "with `bash .ci/setup main`, then run `.venv/bin/python experiments/main.py`.", file=sys.stderr)
+        return 1
+    try:
         ratios = [float(r) for r in args.ratios.split(",")]
     except ValueError:
         ap.error(f"--ratios must be comma-separated numbers, got {args.ratios!r}")
