@@ -167,36 +167,53 @@ def fit_stats(objective, params: Params, x, chunk: int = 8192) -> EKFAC | None:
     return ekfac_fit(x, probs, chunk)
 
 
-def pcg(A, b: jax.Array, x0: jax.Array, precond, iters: int, rtol: float = 1e-6):
-    """Preconditioned conjugate gradients for SPD ``A``: at most ``iters`` products with ``A``.
+def pcg(A, b: jax.Array, x0: jax.Array, precond, iters: int, rtol: float = 1e-6, *,
+        initial_residual: bool = False):
+    """Preconditioned conjugate gradients for SPD ``A``: at most ``iters`` products with ``A`` in all.
 
-    Stops early (freezes) once ``||r|| <= rtol ||b||``, or if a non-positive or non-finite
-    curvature ``p^T A p`` appears. Returns ``(x, ||r|| / ||b||, products used)``.
+    The residual at a nonzero start ``x0`` costs one of those products (``b - A x0``); a zero
+    start costs none, so CG then takes up to ``iters`` steps, otherwise ``iters - 1``. Stops once
+    ``||r|| <= rtol ||b||``, when the budget is spent, or (freezing ``x``) if a non-positive or
+    non-finite curvature ``p^T A p`` appears.
+
+    Returns:
+      ``(x, ||r|| / ||b||, products made)``; with ``initial_residual=True`` also
+      ``||b - A x0|| / ||b||``, the relative residual of the start.
     """
+    if iters < 1:
+        raise ValueError(f"pcg needs iters >= 1, got {iters}")
     bnorm = jnp.maximum(jnp.linalg.norm(b), 1e-30)
-    r = b - A(x0)
+    nonzero = jnp.any(x0 != 0)
+    r = jax.lax.cond(nonzero, lambda: b - A(x0), lambda: b)
+    used = nonzero.astype(jnp.int32)
+    rel0 = jnp.linalg.norm(r) / bnorm
     z = precond(r)
-    state = (x0, r, z, jnp.vdot(r, z), jnp.asarray(0, jnp.int32),
-             jnp.linalg.norm(r) > rtol * bnorm)
+    rz = jnp.vdot(r, z)
+    alive = (rel0 > rtol) & jnp.isfinite(rz) & (used < iters)
 
-    def body(_, s):
-        x, r, p, rz, used, alive = s
+    def cond(s):
+        return s[-1]
+
+    def body(s):
+        x, r, p, rz, used, _ = s
         Ap = A(p)
+        used = used + 1
         pAp = jnp.vdot(p, Ap)
-        alive = alive & (pAp > 0) & jnp.isfinite(pAp)
-        a = jnp.where(alive, rz / jnp.where(alive, pAp, 1.0), 0.0)
-        x = x + a * p
+        ok = (pAp > 0) & jnp.isfinite(pAp)
+        a = jnp.where(ok, rz / jnp.where(ok, pAp, 1.0), 0.0)
+        x = jnp.where(ok, x + a * p, x)
         r_new = r - a * Ap
         z = precond(r_new)
         rz_new = jnp.vdot(r_new, z)
-        beta = jnp.where(alive, rz_new / jnp.where(rz != 0, rz, 1.0), 0.0)
-        p = jnp.where(alive, z + beta * p, p)
-        used = used + alive.astype(jnp.int32)
-        r = jnp.where(alive, r_new, r)
-        rz = jnp.where(alive, rz_new, rz)
-        alive = alive & (jnp.linalg.norm(r) > rtol * bnorm) & jnp.isfinite(rz)
+        beta = rz_new / jnp.where(rz != 0, rz, 1.0)
+        p = jnp.where(ok, z + beta * p, p)
+        r = jnp.where(ok, r_new, r)
+        rz = jnp.where(ok, rz_new, rz)
+        alive = ok & (jnp.linalg.norm(r) > rtol * bnorm) & jnp.isfinite(rz) & (used < iters)
         return x, r, p, rz, used, alive
 
-    # the A-product is evaluated every iteration (fori_loop), but frozen once converged
-    x, r, _, _, used, _ = jax.lax.fori_loop(0, iters, body, state)
-    return x, jnp.linalg.norm(r) / bnorm, used
+    x, r, _, _, used, _ = jax.lax.while_loop(cond, body, (x0, r, z, rz, used, alive))
+    rel = jnp.linalg.norm(r) / bnorm
+    if initial_residual:
+        return x, rel, used, rel0
+    return x, rel, used

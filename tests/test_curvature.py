@@ -110,3 +110,39 @@ def test_pcg_solves_spd_system_and_stops():
     x, rel, used = cv.pcg(lambda v: H @ v, b, jnp.zeros(8), lambda v: v, iters=50)
     np.testing.assert_allclose(H @ x, b, rtol=1e-4, atol=1e-4)
     assert float(rel) < 1e-5 and int(used) <= 50
+
+
+def _counted(H):
+    calls = []
+
+    def A(v):
+        jax.debug.callback(lambda: calls.append(1))
+        return H @ v
+
+    return A, calls
+
+
+def test_pcg_makes_at_most_iters_products_the_start_residual_included():
+    H, _ = _quadratic(8, seed=2)
+    b = jnp.arange(8.0)
+    A, calls = _counted(H)
+    # from a nonzero start: one product for b - A x0, then iters - 1 CG steps
+    x0 = jnp.ones(8)
+    x, rel, used, rel0 = cv.pcg(A, b, x0, lambda v: v, iters=4, initial_residual=True)
+    jax.effects_barrier()
+    assert len(calls) == int(used) == 4
+    np.testing.assert_allclose(float(rel0), float(jnp.linalg.norm(b - H @ x0) / jnp.linalg.norm(b)), rtol=1e-5)
+    np.testing.assert_allclose(float(rel), float(jnp.linalg.norm(b - H @ x) / jnp.linalg.norm(b)), rtol=1e-3)
+    # from zero the residual is b itself: all iters products are CG steps
+    calls.clear()
+    _, _, used = cv.pcg(A, b, jnp.zeros(8), lambda v: v, iters=4)
+    jax.effects_barrier()
+    assert len(calls) == int(used) == 4
+    # it stops once converged: the exact preconditioner solves in one step
+    calls.clear()
+    Hinv = jnp.linalg.inv(H)
+    x, rel, used = cv.pcg(A, b, jnp.zeros(8), lambda v: Hinv @ v, iters=10)
+    jax.effects_barrier()
+    assert len(calls) == int(used) <= 2 and float(rel) < 1e-4
+    with pytest.raises(ValueError, match="iters >= 1"):
+        cv.pcg(A, b, x0, lambda v: v, iters=0)
