@@ -116,12 +116,15 @@ def run_mini(problem: Problem, forget, config: ul.MiniConfig) -> MethodOutput:
     compiled, compile_s = _aot(ul._solve_jit, (problem.objective, config, kind), dyn)
     res, t = _time(compiled, *dyn)
     info = {
-        "curvature": kind,
+        "curvature": res.curvature(),
+        "status": res.status_name(),
         "iterations": int(res.iterations),
         "step_norm": float(res.step_norm),
-        "contraction": float(res.contraction),
-        "error_bound": float(res.error_bound),
+        "contraction": float(res.contraction),  # the rate estimate; NaN before 2 step ratios exist
+        "error_estimate": float(res.error_estimate),  # q/(1-q) * step: an estimate, not a bound
+        "data_passes": int(res.stats.data_passes),
         "refine_passes": int(res.refine_passes),
+        "fixed_point_residual": float(res.stats.fixed_point_residual),
         "refine_residual": float(res.refine_residual),
         "bucket": int(idx.size),
     }

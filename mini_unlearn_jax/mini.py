@@ -7,27 +7,52 @@ gradient follows from identity (I1) with a secant model ``grad G_D(w) ~ g* + B (
     g_R(w) = [ n (g* + B (w - w*)) - sum_{i in R} grad l_i(w) ] / (n - r) + l2 * M w
 
 and the unlearned parameters are the fixed point of ``Phi(w) = w - P^{-1} g_R(w)`` (method.md
-I2, preconditioned). Each iteration touches only the ``r`` removed examples (the sum of their
-gradients, one backward pass of the masked loss per fixed-size chunk) and the buffer.
+I2, preconditioned).
 
-Curvature (``MiniConfig.curvature``):
+Curvature (``MiniConfig.curvature``; the result's ``stats.curvature`` says which path ran):
 
-- ``ekfac`` (logistic regression; the default there): ``B`` is the EKFAC model of the full-data
-  Hessian saved at training time and ``P`` the EKFAC model of the *remaining* Hessian -- full
-  statistics minus the removed examples' exact terms, positive definite at any ratio.
+- ``ekfac`` (logistic regression with the plain softmax cross-entropy; the default there): the
+  removed examples' gradient is taken once, at ``w*``, and ``g_R`` is modelled as affine,
+  ``g_R(w*) + K (w - w*)`` with ``K`` the EKFAC model of the *remaining* Hessian (full statistics
+  minus the removed examples' exact terms, positive semi-definite at any ratio) and ``P = K +
+  l2 I``. The fixed point is therefore a linear preconditioned iteration on that model; it reads
+  neither the data nor the removed examples after its first evaluation. The fidelity comes from
+  the exact refinement passes.
 - ``lbfgs``: ``B`` the compact L-BFGS product from the buffer's secant pairs (DeltaGrad's model),
-  ``P = L I`` with ``L`` from power iteration. Known to expand at high ratios; the guard reports it.
+  ``P = L I`` with ``L`` from power iteration; each iteration evaluates the removed examples'
+  gradient at the iterate (one backward pass of the masked loss per fixed-size chunk). Known to
+  expand at high ratios; the guard reports it.
 - ``exact``: ``B`` is the exact Gauss-Newton product over the training set at ``w*`` (one data pass
-  per iteration), ``P = L I``. For small problems and tests.
+  per iteration, 31 more for the power iteration), ``P = L I``. For small problems and tests.
 
-Refinement (``MiniConfig.refine_passes = k > 0``, the default): ``k`` preconditioned
-conjugate-gradient steps on the linearised fixed point ``H_{D\\R}(w*) d = -g_R(w*)`` started from
-the fixed point, each with one exact Gauss-Newton-vector product over the remaining data (a
-masked pass). ``refine_passes=0`` gives the variant that never reads the remaining data.
+Termination (what the result's ``status`` codes mean; the messages are in :data:`REASONS`):
 
-Requests are padded to power-of-two size buckets with a mask, so requests of new sizes within
-a bucket reuse the compiled program; :func:`unlearn_many` solves several requests in one
-vmapped call.
+- ``CONVERGED``: the step norm fell to ``tol * max(1, ||w*||)``. ``AT_RESOLUTION``: the step is at
+  the resolution of the dtype (``<= 16 eps ||w||``) and stopped shrinking (or the step cap came
+  there), i.e. round-off stalls the iteration before the tolerance. Both succeed.
+- The rate estimate is the geometric mean of the last (up to 4) step-norm ratios, reported only
+  once 2 ratios exist; before that it is NaN and so is the error estimate ``q/(1-q) * step``.
+  That figure is an *estimate* of the fixed-point iterate's distance to the fixed point of the
+  model map, not a bound (``q`` is estimated).
+- ``EXPANDING`` (failure): 3 consecutive ratios above 1.02 with the step above twice its smallest
+  value so far; ``NONFINITE``: NaN/inf. A ratio wobbling around 1 is neither.
+- At the step cap the rate estimate decides the message: ``MAX_ITER`` (still shrinking, or too few
+  steps to tell) or ``NOT_CONTRACTING``. Both are failures.
+
+Refinement (``MiniConfig.refine_passes = k > 0``, the default): preconditioned conjugate gradients
+on the linearised fixed point ``H_{D\\R}(w*) d = -g_R(w*)`` started from the fixed point, with
+exactly ``k`` exact Gauss-Newton-vector products over the remaining data (masked passes): one for
+the residual at the start, ``k - 1`` CG steps (fewer if CG converges). It is judged by its
+relative residual ``||H d + g_R(w*)|| / ||g_R(w*)||`` (1 is the residual of not moving): below 1
+it is accepted; otherwise the fixed-point iterate is returned if its own residual is below 1
+(``REFINE_NO_PROGRESS``, a success), else the input parameters (``REFINE_FAILED``).
+``refine_passes=0`` gives the variant that never reads the remaining data.
+
+A request that does not succeed returns its input parameters bit for bit. :func:`unlearn` raises
+:class:`UnlearnError` (carrying the result) unless ``throw=False``; :func:`unlearn_many` returns
+per-request results (``throw=False`` by default). Requests are padded to power-of-two size
+buckets with a mask, and :func:`unlearn_many` pads the number of requests to a power of two, so
+requests of new sizes (or counts) within a bucket reuse the compiled program.
 """
 
 from __future__ import annotations
@@ -41,19 +66,44 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from . import curvature as cv
-from .models import Objective
+from .models import Objective, cross_entropy
 from .snapshots import SnapshotState
 
 Params = Any
 
+# -- result codes ---------------------------------------------------------------------------
+
 CONVERGED, MAX_ITER, EXPANDING, NONFINITE, REFINE_FAILED = 0, 1, 2, 3, 4
+NOT_CONTRACTING, AT_RESOLUTION, REFINE_NO_PROGRESS = 5, 6, 7
+SUCCESS = (CONVERGED, AT_RESOLUTION, REFINE_NO_PROGRESS)
+STATUS_NAMES = {
+    CONVERGED: "converged", MAX_ITER: "max_iter", EXPANDING: "expanding", NONFINITE: "nonfinite",
+    REFINE_FAILED: "refine_failed", NOT_CONTRACTING: "not_contracting", AT_RESOLUTION: "at_resolution",
+    REFINE_NO_PROGRESS: "refine_no_progress",
+}
 REASONS = {
     CONVERGED: "converged",
-    MAX_ITER: "step cap reached before the step norm fell below the tolerance; the original parameters are returned",
-    EXPANDING: "the map is not contractive here (step norms grew); the original parameters are returned",
+    MAX_ITER: "step cap reached before the step norm fell below the tolerance (the steps were still shrinking, "
+              "or too few steps to tell); the original parameters are returned",
+    EXPANDING: "the map is not contractive here (the step norms grew for several iterations in a row); "
+               "the original parameters are returned",
     NONFINITE: "NaN/inf appeared in the iteration; the original parameters are returned",
-    REFINE_FAILED: "the refinement produced NaN/inf; the original parameters are returned",
+    REFINE_FAILED: "the refinement did not reduce the exact residual (relative residual >= 1 or NaN) and neither "
+                   "did the fixed-point iterate: both look worse than not moving; the original parameters are "
+                   "returned",
+    NOT_CONTRACTING: "step cap reached and the steps were not shrinking (rate estimate >= 1 over the last "
+                     "steps): the map is not contractive here; the original parameters are returned",
+    AT_RESOLUTION: "converged to the resolution of the dtype (round-off stalled the steps before the tolerance)",
+    REFINE_NO_PROGRESS: "converged; the refinement did not reduce the exact residual (relative residual >= 1 or "
+                        "NaN), so the fixed-point iterate is returned without it",
 }
+CURVATURES = ("ekfac", "lbfgs", "exact")
+
+# termination constants (see the module docstring)
+RATE_WINDOW = 4  # the rate estimate is the geometric mean of up to this many last step ratios
+MIN_RATIOS = 2  # ... reported only once this many ratios exist
+GROW_MARGIN, GROW_COUNT, GROW_FACTOR = 0.02, 3, 2.0  # expanding: GROW_COUNT ratios > 1 + margin in a row
+RESOLUTION = 16.0  # a step <= RESOLUTION * eps * ||w|| is at the dtype's resolution
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,11 +111,12 @@ class MiniConfig:
     """Options of the Mini-Unlearning solver (all keyword-only in spirit; frozen, hashable).
 
     Attributes:
-      curvature: ``auto`` (``ekfac`` for logistic regression, ``lbfgs`` otherwise), ``ekfac``,
-        ``lbfgs`` or ``exact``.
-      refine_passes: exact-curvature CG steps over the remaining data after the fixed point.
+      curvature: ``auto`` (``ekfac`` for logistic regression with the plain softmax cross-entropy
+        and EKFAC statistics, ``lbfgs`` otherwise), ``ekfac``, ``lbfgs`` or ``exact``.
+      refine_passes: exact Gauss-Newton products over the remaining data after the fixed point
+        (data passes): one for the residual at the fixed point, the rest conjugate-gradient steps.
       max_iter: cap on fixed-point iterations.
-      tol: stop when ``||w_k - w_{k-1}|| <= tol * max(1, ||w*||)``.
+      tol: stop when ``||w_k - w_{k-1}|| <= tol * max(1, ||w*||)`` (or at the dtype's resolution).
       chunk: removed examples per chunk of the removed-gradient sum.
       damping: added to the preconditioner's (and CG operator's) diagonal.
       min_bucket: smallest padded request size.
@@ -78,7 +129,7 @@ class MiniConfig:
     """
 
     curvature: str = "auto"
-    refine_passes: int = 4
+    refine_passes: int = 5  # one residual pass + 4 CG steps (the same computation as the former "4")
     max_iter: int = 100
     tol: float = 1e-5
     chunk: int = 256
@@ -100,15 +151,53 @@ class MiniConfig:
             raise ValueError("tol must be > 0 and damping >= 0")
 
 
+class UnlearnStats(NamedTuple):
+    """Statistics of a solve (leaves gain a leading axis in :func:`unlearn_many`).
+
+    Attributes:
+      iterations: fixed-point iterations made.
+      data_passes: passes over the training data made: the refinement's products over the
+        remaining data, plus, for ``curvature='exact'``, one full-data product per iteration and
+        31 for the power iteration. The removed examples' own passes are not counted.
+      rate: the rate estimate ``q``: geometric mean of the last ``rate_ratios`` step-norm ratios;
+        NaN when fewer than 2 ratios exist (e.g. a first-step exit).
+      rate_ratios: how many ratios ``rate`` averages (0 to 4).
+      step_norm: the last fixed-point step norm ``||w_k - w_{k-1}||``.
+      min_step_norm: the smallest step norm seen.
+      fixed_point_residual: relative residual ``||H d_fp + g_R(w*)|| / ||g_R(w*)||`` of the
+        fixed-point iterate on the exact linearised problem (NaN without refinement).
+      refine_residual: the same for the refined iterate (NaN without refinement).
+      refine_passes: data passes the refinement made (at most ``MiniConfig.refine_passes``).
+      curvature: the curvature path that ran, an index into :data:`CURVATURES`.
+    """
+
+    iterations: jax.Array
+    data_passes: jax.Array
+    rate: jax.Array
+    rate_ratios: jax.Array
+    step_norm: jax.Array
+    min_step_norm: jax.Array
+    fixed_point_residual: jax.Array
+    refine_residual: jax.Array
+    refine_passes: jax.Array
+    curvature: jax.Array
+
+
 class UnlearnResult(NamedTuple):
     """What :func:`unlearn` returns (leaves gain a leading axis in :func:`unlearn_many`).
 
-    ``params`` are the unlearned parameters when ``converged``; otherwise they are the input
-    parameters, bit for bit (never the diverged iterate). ``contraction`` is the estimated factor
-    ``q`` (ratio of the last two step norms; for a linear contraction this tends to the true
-    factor from below as the iteration proceeds) and ``error_bound = q/(1-q) * step_norm`` the
-    a-posteriori bound on the distance from the returned fixed-point iterate to the fixed point
-    (inf when ``q >= 1``). It bounds the fixed-point solve only, i.e. before refinement.
+    In optimistix's shape: the answer (``params``, also ``value``), a result code (``status``,
+    also ``result``; :meth:`reason` gives its message, one per request for a batch) and
+    :class:`UnlearnStats` (``stats``). The other fields are kept for existing callers.
+
+    ``params`` are the unlearned parameters when ``converged`` (the status is one of
+    :data:`SUCCESS`); otherwise they are the input parameters, bit for bit (never the diverged
+    iterate). ``contraction`` is the rate *estimate* ``q`` (``stats.rate``; NaN before 2 step
+    ratios exist) and ``error_estimate = q/(1-q) * step_norm`` an a-posteriori *estimate* of the
+    fixed-point iterate's distance to the fixed point of the model map, before refinement: not a
+    bound, since ``q`` is estimated (NaN when ``q`` is unknown, inf when ``q >= 1``).
+    ``refine_passes`` counts the data passes the refinement made and ``refine_residual`` is its
+    relative residual (below 1 means better than not moving).
     """
 
     params: Params
@@ -117,9 +206,25 @@ class UnlearnResult(NamedTuple):
     iterations: jax.Array
     step_norm: jax.Array
     contraction: jax.Array
-    error_bound: jax.Array
+    error_estimate: jax.Array
     refine_passes: jax.Array
     refine_residual: jax.Array
+    stats: UnlearnStats
+
+    @property
+    def value(self) -> Params:
+        """The returned parameters (optimistix's name)."""
+        return self.params
+
+    @property
+    def result(self) -> jax.Array:
+        """The result code (optimistix's name for ``status``)."""
+        return self.status
+
+    @property
+    def error_bound(self) -> jax.Array:
+        """Old name of :attr:`error_estimate` (an estimate, not a bound)."""
+        return self.error_estimate
 
     def reason(self) -> str | list[str]:
         """Why the solve stopped; a list with one message per request for a batched result."""
@@ -128,11 +233,34 @@ class UnlearnResult(NamedTuple):
             return REASONS[int(status)]
         return [REASONS[int(s)] for s in status.reshape(-1)]
 
+    def status_name(self) -> str | list[str]:
+        """Short name of the result code (``converged``, ``expanding``, ...); a list for a batch."""
+        status = np.asarray(self.status)
+        if status.ndim == 0:
+            return STATUS_NAMES[int(status)]
+        return [STATUS_NAMES[int(s)] for s in status.reshape(-1)]
+
+    def curvature(self) -> str | list[str]:
+        """The curvature path that ran (``ekfac``, ``lbfgs`` or ``exact``); a list for a batch."""
+        code = np.asarray(self.stats.curvature)
+        if code.ndim == 0:
+            return CURVATURES[int(code)]
+        return [CURVATURES[int(c)] for c in code.reshape(-1)]
+
     def request(self, i: int) -> UnlearnResult:
         """Request ``i`` of a batched result from :func:`unlearn_many`, as a single result."""
         if np.ndim(self.status) == 0:
             raise ValueError("this is a single request's result, not a batch from unlearn_many")
         return jax.tree.map(lambda a: a[i], self)
+
+
+class UnlearnError(RuntimeError):
+    """Raised by :func:`unlearn` (``throw=True``) when a request fails; ``.result`` holds the
+    :class:`UnlearnResult` (its ``params`` are the input parameters)."""
+
+    def __init__(self, message: str, result: UnlearnResult):
+        super().__init__(message)
+        self.result = result
 
 
 # -- requests -----------------------------------------------------------------------------
@@ -177,13 +305,35 @@ def pad_request(indices, n: int, min_bucket: int = 64) -> tuple[np.ndarray, np.n
 # -- the solver ---------------------------------------------------------------------------
 
 
+def _is_softmax_cross_entropy(objective: Objective, num_classes: int) -> bool:
+    """Whether the objective's per-example loss is the plain softmax cross-entropy that the EKFAC
+    model assumes (checked on a few random logits when it is not :func:`models.cross_entropy`)."""
+    if objective.example_loss is cross_entropy:
+        return True
+    rng = np.random.default_rng(0)
+    z = (3.0 * rng.normal(size=(4, num_classes))).astype(np.float32)
+    t = rng.integers(0, num_classes, size=4)
+    want = np.log(np.sum(np.exp(z), axis=1)) - z[np.arange(4), t]
+    try:
+        got = np.asarray(jax.vmap(objective.example_loss)(jnp.asarray(z), jnp.asarray(t, jnp.int32)), np.float64)
+    except Exception:  # a loss that does not take integer labels is not this loss
+        return False
+    return got.shape == want.shape and bool(np.allclose(got, want, rtol=1e-4, atol=1e-5))
+
+
 def _resolve_curvature(objective: Objective, cfg: MiniConfig, stats) -> str:
     kind = cfg.curvature
+    ekfac_fits = (objective.kind == "logreg" and stats is not None
+                  and _is_softmax_cross_entropy(objective, int(np.shape(stats.UG)[0])))
     if kind == "auto":
-        kind = "ekfac" if (objective.kind == "logreg" and stats is not None) else "lbfgs"
+        kind = "ekfac" if ekfac_fits else "lbfgs"
     if kind == "ekfac" and (objective.kind != "logreg" or stats is None):
         raise ValueError("curvature='ekfac' needs a logistic-regression model and its EKFAC statistics "
                          "(saved by training); use curvature='lbfgs' or 'exact' for other models")
+    if kind == "ekfac" and not ekfac_fits:
+        raise ValueError("curvature='ekfac' models the Hessian of the plain softmax cross-entropy, and this "
+                         "objective's per-example loss differs from it (e.g. label smoothing); use "
+                         "curvature='lbfgs' or 'exact' (curvature='auto' picks lbfgs for it)")
     return kind
 
 
@@ -224,31 +374,50 @@ def removed_grad_sum(objective: Objective, params, xr, yr, mask, chunk: int, mes
     return acc
 
 
+def _rate(hist: jax.Array, k: jax.Array):
+    """Geometric mean of the last ``min(k - 1, RATE_WINDOW)`` step ratios from ``hist`` (the last
+    ``RATE_WINDOW + 1`` step norms, newest last), and how many ratios that is."""
+    m = jnp.minimum(k - 1, RATE_WINDOW)
+    ms = jnp.maximum(m, 1)
+    new, old = hist[RATE_WINDOW], hist[RATE_WINDOW - ms]
+    q = jnp.where(old > 0, (new / jnp.where(old > 0, old, 1.0)) ** (1.0 / ms.astype(hist.dtype)), jnp.inf)
+    return q, m
+
+
 def _solve(objective: Objective, cfg: MiniConfig, kind: str, params, snap_params, snap_grads, snap_count,
            stats, x, y, idx, mask):
     n = x.shape[0]
+    w0, unravel = ravel_pytree(params)
+    dtype = w0.dtype
+    # one dtype throughout: the parameters' (under x64, statistics or data may come in float64)
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(dtype)
+    if stats is not None:
+        stats = jax.tree.map(lambda a: a.astype(dtype), stats)
+    mask = mask.astype(dtype)
     if cfg.mesh is not None and n % cfg.mesh.shape[cfg.mesh_axis] == 0:
         from jax.sharding import PartitionSpec as P
 
         x = _shard(x, cfg.mesh, P(cfg.mesh_axis))
         y = _shard(y, cfg.mesh, P(cfg.mesh_axis))
-    dtype = ravel_pytree(params)[0].dtype
-    r = jnp.sum(mask).astype(dtype)
+    r = jnp.sum(mask)
     nr = n - r
-    w0, unravel = ravel_pytree(params)
     m_vec, _ = ravel_pytree(jax.tree.map(lambda p, m: jnp.full(p.shape, float(m), p.dtype), params, objective.l2_mask(params)))
+    m_vec = m_vec.astype(dtype)
     l2 = objective.l2
-    flat_rows = jax.vmap(lambda t: ravel_pytree(t)[0])
+    flat_rows = jax.vmap(lambda t: ravel_pytree(t)[0].astype(dtype))
     S_all, G_all = flat_rows(snap_params), flat_rows(snap_grads)
     K = S_all.shape[0]
     newest = (snap_count - 1) % K
     g_star = G_all[newest]
     xr, yr = x[idx], y[idx]
+    passes_per_B = 0  # full-data passes per product with B
 
     def removed_grad(w):
         return ravel_pytree(removed_grad_sum(objective, unravel(w), xr, yr, mask, cfg.chunk, cfg.mesh, cfg.mesh_axis))[0]
 
     # --- curvature models: P^{-1} (remaining data) and, outside EKFAC, B (full data) ---------
+    setup_passes = 0
     if kind == "ekfac":
         probs_r = jax.nn.softmax(objective.apply_fn(params, xr), axis=-1)
         diag_rem = jnp.maximum(n * stats.diag - cv.ekfac_removed_sum(stats, xr, probs_r, mask), 0.0) / nr
@@ -264,6 +433,7 @@ def _solve(objective: Objective, cfg: MiniConfig, kind: str, params, snap_params
         else:
             keep_all = jnp.ones((n,), dtype)
             B = lambda v: ravel_pytree(cv.ggn_vp(objective, params, x, y, keep_all, unravel(v)))[0]
+            passes_per_B = 1
 
         def power(_, v):
             u = B(v)
@@ -272,6 +442,7 @@ def _solve(objective: Objective, cfg: MiniConfig, kind: str, params, snap_params
         v0 = jax.random.normal(jax.random.key(0), w0.shape, dtype)
         v = jax.lax.fori_loop(0, 30, power, v0 / jnp.linalg.norm(v0))
         lmax = jnp.vdot(v, B(v))
+        setup_passes = 31 * passes_per_B
         L = (n / nr) * jnp.maximum(lmax, 0.0) + l2 + cfg.damping
         L = jnp.where(jnp.isfinite(L) & (L > 0), L, 1.0)
         precond = lambda v: v / L
@@ -279,11 +450,12 @@ def _solve(objective: Objective, cfg: MiniConfig, kind: str, params, snap_params
     # the trained model's own residual gradient (zero for a model trained to convergence): with
     # `stationary`, w* is treated as the optimum of the full objective, so only the removal moves it
     shift = (g_star + l2 * m_vec * w0) if cfg.stationary else jnp.zeros_like(w0)
+    # g_R(w*) with the removed examples' exact gradient at w* (B (w* - w*) = 0 needs no product)
+    g_at_w0 = (n * g_star - removed_grad(w0)) / nr + l2 * m_vec * w0 - shift
     if kind == "ekfac":
         # Removed examples enter through the same EKFAC model as the full data (their exact
         # gradient at w*, their exact EKFAC terms for curvature): the model Hessian is then
-        # the PSD remaining-data EKFAC, never approximate-minus-exact.
-        g_at_w0 = (n * g_star - removed_grad(w0)) / nr + l2 * m_vec * w0 - shift
+        # the PSD remaining-data EKFAC, never approximate-minus-exact, and g_R is affine.
         K_rem = lambda v: to_vec(cv.ekfac_product(stats, diag_rem, to_mat(v))) + l2 * m_vec * v
 
         def g_rem(w):
@@ -296,14 +468,15 @@ def _solve(objective: Objective, cfg: MiniConfig, kind: str, params, snap_params
         return w - precond(g_rem(w))
 
     scale = jnp.maximum(1.0, jnp.linalg.norm(w0))
+    eps = jnp.finfo(dtype).eps
 
-    # --- fixed point with a divergence guard ----------------------------------------------
+    # --- fixed point with termination rules (module docstring) -----------------------------
     class Loop(NamedTuple):
         k: jax.Array
         w: jax.Array
-        step: jax.Array
-        q: jax.Array
-        grow: jax.Array
+        hist: jax.Array  # the last RATE_WINDOW + 1 step norms, newest last
+        min_step: jax.Array
+        grow: jax.Array  # consecutive ratios above 1 + GROW_MARGIN
         status: jax.Array  # -1 running
 
     def cond(s: Loop):
@@ -312,61 +485,92 @@ def _solve(objective: Objective, cfg: MiniConfig, kind: str, params, snap_params
     def body(s: Loop):
         w_new = phi(s.w)
         step = jnp.linalg.norm(w_new - s.w)
-        q = jnp.where(s.k > 0, step / jnp.maximum(s.step, 1e-30), 0.0)
-        grow = jnp.where((s.k > 0) & (q >= 1.0), s.grow + 1, 0)
         finite = jnp.all(jnp.isfinite(w_new)) & jnp.isfinite(step)
         k = s.k + 1
+        prev = s.hist[RATE_WINDOW]
+        hist = jnp.concatenate([s.hist[1:], step[None]])
+        grow = jnp.where((k >= 2) & (step > (1.0 + GROW_MARGIN) * prev), s.grow + 1, 0)
+        expanding = (grow >= GROW_COUNT) & (step > GROW_FACTOR * s.min_step)
+        converged = step <= cfg.tol * scale
+        # at the dtype's resolution and no longer shrinking: round-off stalls the iteration
+        small = step <= RESOLUTION * eps * jnp.linalg.norm(w_new)
+        stalled = small & (step >= (1.0 - GROW_MARGIN) * prev)
+        q, m = _rate(hist, k)
+        capped = jnp.where(small, AT_RESOLUTION,
+                 jnp.where((m >= MIN_RATIOS) & (q >= 1.0), NOT_CONTRACTING, MAX_ITER))
         status = jnp.where(~finite, NONFINITE,
-                 jnp.where(grow >= 3, EXPANDING,
-                 jnp.where((step <= cfg.tol * scale) & (q < 1.0), CONVERGED,
-                 jnp.where(k >= cfg.max_iter, MAX_ITER, -1))))
+                 jnp.where(converged, CONVERGED,
+                 jnp.where(stalled, AT_RESOLUTION,
+                 jnp.where(expanding, EXPANDING,
+                 jnp.where(k >= cfg.max_iter, capped, -1)))))
         w_keep = jnp.where(finite, w_new, s.w)
-        return Loop(k, w_keep, step, jnp.where(s.k > 0, q, s.q), grow, status.astype(jnp.int32))
+        return Loop(k, w_keep, hist, jnp.minimum(s.min_step, step), grow, status.astype(jnp.int32))
 
-    init = Loop(jnp.zeros((), jnp.int32), w0, jnp.asarray(jnp.inf, dtype), jnp.asarray(0.0, dtype), jnp.zeros((), jnp.int32), jnp.asarray(-1, jnp.int32))
+    init = Loop(jnp.zeros((), jnp.int32), w0, jnp.full((RATE_WINDOW + 1,), jnp.nan, dtype),
+                jnp.asarray(jnp.inf, dtype), jnp.zeros((), jnp.int32), jnp.asarray(-1, jnp.int32))
     fp = jax.lax.while_loop(cond, body, init)
-    q = fp.q
-    bound = jnp.where(q < 1.0, q / (1.0 - q) * fp.step, jnp.inf)
-    ok = (fp.status == CONVERGED) | ((fp.status == MAX_ITER) & (q < 1.0))
-    w_fp = jnp.where(ok, fp.w, w0)
+    step = fp.hist[RATE_WINDOW]
+    q_all, m = _rate(fp.hist, fp.k)
+    trusted = m >= MIN_RATIOS
+    q = jnp.where(trusted, q_all, jnp.nan)
+    estimate = jnp.where(~trusted, jnp.nan,
+               jnp.where(q < 1.0, q / (1.0 - q) * step,
+               jnp.where(fp.status == AT_RESOLUTION, jnp.nan, jnp.inf)))
+    fp_ok = (fp.status == CONVERGED) | (fp.status == AT_RESOLUTION)
+    w_fp = jnp.where(fp_ok, fp.w, w0)
+    data_passes = setup_passes + passes_per_B * fp.k
 
-    # --- refinement: preconditioned CG on the linearised fixed point ----------------------
-    refine_res = jnp.asarray(jnp.nan, dtype)
+    # --- refinement: preconditioned CG on the linearised fixed point, judged by its residual --
+    nan = jnp.asarray(jnp.nan, dtype)
+    refine_res, fp_res, refine_used = nan, nan, jnp.zeros((), jnp.int32)
     status = fp.status
     w_out = w_fp
     if cfg.refine_passes > 0:
-        keep = jnp.ones((n,), dtype).at[idx].multiply(1.0 - mask.astype(dtype))
+        keep = jnp.ones((n,), dtype).at[idx].multiply(1.0 - mask)
 
         def H(v):
             gv = ravel_pytree(cv.ggn_vp(objective, params, x, y, keep, unravel(v)))[0]
             return gv + (l2 * m_vec + cfg.damping) * v
 
-        d0 = jnp.where(ok, w_fp - w0, 0.0)
-        d, refine_res, _ = cv.pcg(H, -g_rem(w0), d0, precond, cfg.refine_passes)
-        w_ref = w0 + d
-        good = jnp.all(jnp.isfinite(w_ref))
-        w_out = jnp.where(good, w_ref, w0)
-        status = jnp.where(good, status, REFINE_FAILED)
-        # a failed fixed point still counts as failed: refinement does not hide it
-        w_out = jnp.where(ok, w_out, w0)
+        def refine(_):
+            return cv.pcg(H, -g_at_w0, w_fp - w0, precond, cfg.refine_passes, initial_residual=True)
 
-    converged = (status == CONVERGED)
+        def skip(_):  # a failed fixed point is not refined (its input parameters are returned)
+            return jnp.zeros_like(w0), nan, jnp.zeros((), jnp.int32), nan
+
+        d, refine_res, refine_used, fp_res = jax.lax.cond(fp_ok, refine, skip, None)
+        refined_ok = jnp.all(jnp.isfinite(d)) & (refine_res < 1.0)
+        fp_holds = fp_res < 1.0
+        w_out = jnp.where(refined_ok, w0 + d, jnp.where(fp_holds, w_fp, w0))
+        # a failed fixed point stays failed: the refinement does not hide it
+        status = jnp.where(~fp_ok, fp.status,
+                 jnp.where(refined_ok, fp.status,
+                 jnp.where(fp_holds, REFINE_NO_PROGRESS, REFINE_FAILED)))
+        data_passes = data_passes + refine_used
+
+    status = status.astype(jnp.int32)
+    converged = (status == CONVERGED) | (status == AT_RESOLUTION) | (status == REFINE_NO_PROGRESS)
     out_params = unravel(w_out)
     if objective.canonicalize is not None:
         out_params = objective.canonicalize(out_params)
     # a request that did not converge returns its input parameters bit for bit (selected, not
     # recomputed: unravel/canonicalize of w0 may differ from them by rounding)
     out_params = jax.tree.map(lambda new, old: jnp.where(converged, new.astype(old.dtype), old), out_params, params)
+    stats_out = UnlearnStats(
+        iterations=fp.k, data_passes=jnp.asarray(data_passes, jnp.int32), rate=q, rate_ratios=m.astype(jnp.int32),
+        step_norm=step, min_step_norm=fp.min_step, fixed_point_residual=fp_res, refine_residual=refine_res,
+        refine_passes=refine_used, curvature=jnp.asarray(CURVATURES.index(kind), jnp.int32))
     return UnlearnResult(
         params=out_params,
         converged=converged,
-        status=status.astype(jnp.int32),
+        status=status,
         iterations=fp.k,
-        step_norm=fp.step,
+        step_norm=step,
         contraction=q,
-        error_bound=bound,
-        refine_passes=jnp.asarray(cfg.refine_passes, jnp.int32),
+        error_estimate=estimate,
+        refine_passes=refine_used,
         refine_residual=refine_res,
+        stats=stats_out,
     )
 
 
@@ -382,10 +586,11 @@ _solve_many_jit = jax.jit(_solve_many, static_argnums=(0, 1, 2))
 
 
 def _check_inputs(params, snapshots: SnapshotState, x, y, stats) -> int:
-    """Validate shapes before tracing; returns n. Raises ValueError naming the problem."""
+    """Validate shapes and the buffer before tracing; returns n. Raises ValueError naming the problem."""
     if np.ndim(x) < 2 or np.ndim(y) != 1 or np.shape(x)[0] != np.shape(y)[0]:
         raise ValueError(f"x must be [n, features...] and y [n] with the same n; got {np.shape(x)} and {np.shape(y)}")
-    if int(snapshots.count) < 1:
+    count = int(snapshots.count)
+    if count < 1:
         raise ValueError("the snapshot buffer is empty: train with Trainer.fit (it records the final parameters)")
     p_struct = jax.tree.structure(params)
     if jax.tree.structure(snapshots.params) != p_struct:
@@ -393,45 +598,106 @@ def _check_inputs(params, snapshots: SnapshotState, x, y, stats) -> int:
     for p, sp in zip(jax.tree.leaves(params), jax.tree.leaves(snapshots.params), strict=True):
         if np.shape(sp)[1:] != np.shape(p):
             raise ValueError(f"snapshot leaf shape {np.shape(sp)[1:]} does not match parameter shape {np.shape(p)}")
+    _check_buffer_is_current(params, snapshots, count)
     if stats is not None and np.shape(stats.UA)[0] != int(np.prod(np.shape(x)[1:])) + 1:
         raise ValueError(f"EKFAC statistics are for {np.shape(stats.UA)[0] - 1} features, the data has "
                          f"{int(np.prod(np.shape(x)[1:]))}; refit them with fit_stats on this data")
     return int(np.shape(x)[0])
 
 
+def _check_buffer_is_current(params, snapshots: SnapshotState, count: int) -> None:
+    """The newest snapshot must hold ``params`` (to a few hundred ulps of the coarser dtype, relative
+    to the parameters' scale): the solver takes ``g*`` there. Arrays that this process cannot read
+    whole (multi-process sharding) are not compared."""
+    leaves, snaps = jax.tree.leaves(params), jax.tree.leaves(snapshots.params)
+    if not all(getattr(a, "is_fully_addressable", True) for a in leaves + snaps):
+        return
+    slot = (count - 1) % int(np.shape(snaps[0])[0])
+    diff, size, tol_eps = 0.0, 1.0, 0.0
+    for p, sp in zip(leaves, snaps, strict=True):
+        a = np.asarray(p).astype(np.float64)
+        b = np.asarray(sp[slot]).astype(np.float64)
+        if a.size:
+            diff = max(diff, float(np.max(np.abs(a - b))))
+            size = max(size, float(np.max(np.abs(a))))
+        tol_eps = max(tol_eps, float(jnp.finfo(jnp.result_type(p)).eps), float(jnp.finfo(jnp.result_type(sp)).eps))
+    if not diff <= 100 * tol_eps * size:  # NaN differences count as stale too
+        raise ValueError(
+            f"the snapshot buffer is stale: its newest entry differs from `params` by {diff:.3g} (max abs; "
+            f"parameter scale {size:.3g}), but the solver takes the full-data gradient there. Pass the buffer "
+            "recorded with these parameters (Trainer.fit writes the final ones), or refresh it for them with "
+            "methods.after_removal (after an unlearning request) or your buffer's update(..., force=True)")
+
+
+def _throw(result: UnlearnResult, batch: bool) -> None:
+    if not batch:
+        raise UnlearnError(
+            f"unlearning failed: {result.reason()} [status {result.status_name()}, {int(result.iterations)} "
+            f"iterations, rate estimate {float(result.contraction):.4g}, curvature {result.curvature()}]; the result, "
+            "with the input parameters, is in the exception's .result; pass throw=False to have it returned", result)
+    failed = [i for i, ok in enumerate(np.asarray(result.converged).reshape(-1)) if not ok]
+    reasons = result.reason()
+    detail = "; ".join(f"request {i}: {reasons[i]}" for i in failed[:5]) + (" ..." if len(failed) > 5 else "")
+    raise UnlearnError(f"{len(failed)} of {len(reasons)} unlearning requests failed: {detail}; the results are in "
+                       "the exception's .result (failed requests hold the input parameters)", result)
+
+
 def unlearn(objective: Objective, params: Params, snapshots: SnapshotState, x, y, forget, *,
-            stats: cv.EKFAC | None = None, config: MiniConfig = MiniConfig()) -> UnlearnResult:
+            stats: cv.EKFAC | None = None, config: MiniConfig = MiniConfig(), throw: bool = True) -> UnlearnResult:
     """Remove the training examples ``forget`` (indices into ``x``/``y``) from a trained model.
 
     Args:
       objective: the training objective (model, per-example loss, L2).
       params: the trained parameters ``w*``.
-      snapshots: the snapshot buffer from training; its newest entry must be ``(w*, grad G_D(w*))``.
+      snapshots: the snapshot buffer from training; its newest entry must be ``(w*, grad G_D(w*))``
+        (checked: a stale buffer is refused).
       x, y: the full training set the model was trained on (only removed rows are read by the
         fixed point; the refinement, if enabled, reads the rest).
       forget: 1-D integer indices to remove.
       stats: EKFAC statistics saved at training time (logistic regression).
       config: :class:`MiniConfig`.
+      throw: raise :class:`UnlearnError` (carrying the result) when the request fails; with
+        ``throw=False`` the failed result is returned (its ``params`` are the input parameters).
+
+    Returns:
+      An :class:`UnlearnResult`. The parameters keep their dtype (float32 or float64, also under
+      ``jax_enable_x64``).
     """
     n = _check_inputs(params, snapshots, x, y, stats)
     idx, mask = pad_request(forget, n, config.min_bucket)
     kind = _resolve_curvature(objective, config, stats)
-    return _solve_jit(objective, config, kind, params, snapshots.params, snapshots.grads, snapshots.count,
-                      stats, jnp.asarray(x), jnp.asarray(y), jnp.asarray(idx), jnp.asarray(mask))
+    res = _solve_jit(objective, config, kind, params, snapshots.params, snapshots.grads, snapshots.count,
+                     stats, jnp.asarray(x), jnp.asarray(y), jnp.asarray(idx), jnp.asarray(mask))
+    if throw and not bool(res.converged):
+        _throw(res, batch=False)
+    return res
 
 
 def unlearn_many(objective: Objective, params: Params, snapshots: SnapshotState, x, y, requests, *,
-                 stats: cv.EKFAC | None = None, config: MiniConfig = MiniConfig()) -> UnlearnResult:
-    """Solve several independent deletion requests in one vmapped call (padded to a common bucket)."""
+                 stats: cv.EKFAC | None = None, config: MiniConfig = MiniConfig(), throw: bool = False) -> UnlearnResult:
+    """Solve several independent deletion requests in one vmapped call.
+
+    Each request is padded to a common size bucket, and the number of requests to a power of two
+    (with empty requests whose results are dropped), so a new number of requests within a bucket
+    does not recompile. Leaves of the result have a leading axis of ``len(requests)``; a failed
+    request holds the input parameters. With ``throw=True``, any failed request raises
+    :class:`UnlearnError` carrying the batched result.
+    """
     n = _check_inputs(params, snapshots, x, y, stats)
     if len(requests) == 0:
         raise ValueError("no deletion requests given")
     padded = [pad_request(r, n, config.min_bucket) for r in requests]
     size = max(p[0].size for p in padded)
-    idx = np.zeros((len(padded), size), np.int32)
-    mask = np.zeros((len(padded), size), np.float32)
+    count = bucket_size(len(padded), 1)
+    idx = np.zeros((count, size), np.int32)
+    mask = np.zeros((count, size), np.float32)  # padding requests: an empty mask, nothing removed
     for i, (pi, mi) in enumerate(padded):
         idx[i, : pi.size], mask[i, : mi.size] = pi, mi
     kind = _resolve_curvature(objective, config, stats)
-    return _solve_many_jit(objective, config, kind, params, snapshots.params, snapshots.grads, snapshots.count,
-                           stats, jnp.asarray(x), jnp.asarray(y), jnp.asarray(idx), jnp.asarray(mask))
+    res = _solve_many_jit(objective, config, kind, params, snapshots.params, snapshots.grads, snapshots.count,
+                          stats, jnp.asarray(x), jnp.asarray(y), jnp.asarray(idx), jnp.asarray(mask))
+    if count != len(padded):
+        res = jax.tree.map(lambda a: a[: len(padded)], res)
+    if throw and not bool(np.all(np.asarray(res.converged))):
+        _throw(res, batch=True)
+    return res

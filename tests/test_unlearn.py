@@ -42,7 +42,7 @@ def _ridge_solution(x, y, keep, l2):
     return sol
 
 
-def test_fixed_point_converges_to_retrained_minimizer_and_bound_holds():
+def test_fixed_point_converges_to_retrained_minimizer_and_error_estimate_holds():
     obj, params0, x, y = _ridge()
     cfg = TrainConfig(optimizer="lbfgs", steps=300, tol=1e-6, snapshots=4)
     state = Trainer(obj, cfg).fit(params0, x, y)
@@ -52,7 +52,7 @@ def test_fixed_point_converges_to_retrained_minimizer_and_bound_holds():
     w_r = _ridge_solution(x, y, keep, obj.l2)
     # stopped by the step cap mid-way: not converged, and the input parameters come back bit for bit
     res = ul.unlearn(obj, state.params, state.snapshots, x, y, forget,
-                     config=ul.MiniConfig(curvature="exact", refine_passes=0, tol=1e-7, max_iter=8))
+                     config=ul.MiniConfig(curvature="exact", refine_passes=0, tol=1e-7, max_iter=8), throw=False)
     assert not bool(res.converged) and int(res.status) == ul.MAX_ITER
     for a, b in zip(jax.tree.leaves(res.params), jax.tree.leaves(state.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -61,7 +61,9 @@ def test_fixed_point_converges_to_retrained_minimizer_and_bound_holds():
     w = np.concatenate([np.asarray(res.params["kernel"])[:, 0], np.asarray(res.params["bias"])])
     err = np.linalg.norm(w - w_r)
     assert 0.0 < float(res.contraction) < 1.0
-    assert err <= float(res.error_bound) * 1.05 + 1e-5, (err, float(res.error_bound))
+    # q/(1-q) * step is an estimate (q is estimated); on this linear contraction it holds
+    assert err <= float(res.error_estimate) * 1.05 + 1e-5, (err, float(res.error_estimate))
+    assert float(res.error_bound) == float(res.error_estimate)  # the old name still works
     assert bool(res.converged) and int(res.status) == ul.CONVERGED
     assert err < 1e-4
 
@@ -134,11 +136,17 @@ def test_divergence_is_reported_and_original_params_returned(logreg):
     bad = buf.update(bad, K, w_star, g_star, force=True)
     forget = np.arange(0, ds.n_train, 2)
     res = ul.unlearn(problem.objective, problem.params, bad, problem.x, problem.y, forget,
-                     config=ul.MiniConfig(curvature="lbfgs", refine_passes=2))
+                     config=ul.MiniConfig(curvature="lbfgs", refine_passes=2), throw=False)
     assert not bool(res.converged)
-    assert int(res.status) in (ul.EXPANDING, ul.NONFINITE)
-    np.testing.assert_array_equal(ravel_pytree(res.params)[0], ravel_pytree(problem.params)[0])
-    assert "not contractive" in res.reason() or "NaN" in res.reason()
+    # a clear expansion: steps growing by a rate estimate above 1 over several iterations
+    assert int(res.status) == ul.EXPANDING and res.status_name() == "expanding"
+    assert float(res.contraction) > 1.0 and float(res.error_estimate) == np.inf
+    assert float(res.stats.step_norm) > ul.GROW_FACTOR * float(res.stats.min_step_norm)
+    assert int(res.refine_passes) == 0  # a failed fixed point is not refined
+    for a, b in zip(jax.tree.leaves(res.params), jax.tree.leaves(problem.params), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert "not contractive" in res.reason()
 
 
 def test_nan_in_removed_examples_is_caught(logreg):
@@ -146,7 +154,7 @@ def test_nan_in_removed_examples_is_caught(logreg):
     x = np.array(ds.x_train)
     x[5, 0] = np.nan
     res = ul.unlearn(problem.objective, problem.params, problem.snapshots, jnp.asarray(x), problem.y, [5, 6, 7],
-                     stats=problem.stats, config=ul.MiniConfig(refine_passes=0))
+                     stats=problem.stats, config=ul.MiniConfig(refine_passes=0), throw=False)
     assert not bool(res.converged)
     chex.assert_tree_all_finite(res.params)
 
