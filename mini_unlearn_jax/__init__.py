@@ -6,6 +6,7 @@ with :func:`fit_stats`, and remove examples with :func:`unlearn` / :func:`unlear
 """
 
 from . import attacks, privacy
+from .certificate import Certificate, certify, certify_removal
 from .checkpoint import Run, load_run
 from .curvature import EKFAC, fit_stats
 from .data import DataError, Dataset, load_dataset
@@ -19,6 +20,7 @@ from .training import TrainConfig, Trainer, TrainState, default_config, train
 __all__ = [
     "attacks", "privacy",
     "Run", "load_run",
+    "Certificate", "certify", "certify_removal",
     "EKFAC", "fit_stats",
     "DataError", "Dataset", "load_dataset",
     "METHODS", "MethodOutput", "Problem", "run_method",

@@ -69,7 +69,7 @@ class Run(NamedTuple):
 
 def _abstract(meta: dict):
     model = build_model(meta["model"], meta["num_classes"], hidden=meta.get("hidden", 256))
-    objective = make_objective(model, meta["l2"])
+    objective = make_objective(model, meta["l2"], penalize_bias=bool(meta.get("penalize_bias", False)))
     cfg = TrainConfig(**meta["train_config"])
     x0 = np.zeros(tuple(meta["input_shape"]), np.float32)
     params = init_params(model, x0, cfg.seed)

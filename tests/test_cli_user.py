@@ -140,3 +140,26 @@ def test_ctrl_c_gives_a_clean_message_and_writes_nothing(tmp_path):
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err and "Traceback" not in err
     assert not out.exists() and not list(tmp_path.glob(".*"))
+
+
+def test_certify_gives_a_bound_only_for_a_strongly_convex_objective(run_dir, tmp_path, capsys):
+    strong = tmp_path / "strong"
+    assert main(["train", "--data", SPEC, "--model", "logreg", "--l2", "1e-2", "--penalize-bias",
+                 "--out", str(strong)]) == 0
+    out = tmp_path / "u"
+    assert main(["unlearn", "--run", str(strong), "--ratio", "0.3", "--certify", "--compare-retrain",
+                 "--out", str(out)]) == 0
+    assert "certified distance" in capsys.readouterr().out
+    r = json.loads((out / "report.json").read_text())
+    c = r["certificate"]
+    assert c["is_bound"] and c["bound"] > 0
+    # the bound is on the distance to the exact optimum; the reference retrain is that optimum up to
+    # its own stopping tolerance, which is far below the bound here
+    assert r["param_error"] <= 1.05 * c["bound"]
+    np.testing.assert_allclose(r["time_ratio"], (r["unlearn_s"] + r["refresh_s"] + r["certify_s"])
+                               / r["retrain_time_s"], rtol=1e-9)
+    # the default objective leaves the bias unpenalised: an estimate, never called a bound
+    assert main(["unlearn", "--run", str(run_dir), "--ratio", "0.3", "--certify", "--out", str(tmp_path / "d")]) == 0
+    assert "an estimate" in capsys.readouterr().out
+    c = json.loads((tmp_path / "d" / "report.json").read_text())["certificate"]
+    assert not c["is_bound"] and c["bound"] is None and c["estimate"] > 0
