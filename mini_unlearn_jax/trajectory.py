@@ -1,0 +1,593 @@
+"""Trajectory unlearning for non-convex models: rewind along a log-spaced snapshot buffer.
+
+On an over-parameterised network the retrained model is singled out by its trajectory from the
+initialisation, not by the remaining-data objective (method.md section 6). This module keeps
+that trajectory in a compact buffer and unlearns by going back along it:
+
+1. **The snapshot policy** (:func:`trajectory_buffer`, :func:`log_schedule`): ``K`` parameter
+   snapshots at a fixed, log-spaced schedule of steps (``0, 1, 2, 4, 9, ..., T`` for ``K = 12``,
+   ``T = 1600``), so the early part of training, where memorisation has not started, survives at
+   a fixed ``K``. A fixed-shape pytree filled by pure ``init / update`` functions that a training
+   step threads through ``jax.lax.scan`` (optionally with the optimizer state at each snapshot).
+   :func:`train_with_trajectory` trains with the project's recipe (the same program as
+   :class:`~mini_unlearn_jax.training.Trainer`, bit for bit) and fills it.
+2. **The method** (:func:`trajectory_unlearn`, :func:`run_trajectory`):
+
+   - *rewind*: for every snapshot ``w_t`` the memorisation gap ``m_t`` = mean true-class
+     probability on the forget set minus that on a held-out set (forward passes only; the forget
+     set is subsampled to at most ``max_eval`` examples), and the same gap on the whole training
+     set (:func:`memorisation_profile`, computed once after training: for a random forget set it
+     has the same expectation with ~``n/r`` times less noise). The method restarts from the latest
+     snapshot where the larger of the two is at most ``threshold`` (the forget set is fit no
+     better than unseen data), or from the initialisation if there is none;
+   - *retrain fast*: ``budget * T`` Adam steps on the remaining data with a one-cycle schedule
+     peaking at ``peak_lr_scale`` times the recipe's learning rate (fresh optimizer state);
+   - *calibrate*: the retrained model is as over-confident on unseen data as the original (both
+     ran the full recipe); a short run is not. The output logits are scaled by one temperature
+     ``tau`` (the last layer's kernel and bias, which scales the logits of a final linear layer
+     exactly) so that the mean held-out loss equals the original model's. ``tau`` leaves
+     every prediction (argmax) unchanged.
+
+   It never reads the retrained model. It reads the buffer, the original parameters, the
+   training set with the removal mask, and a labelled held-out set (for the gap and the
+   calibration target).
+3. **Baselines** in the same form (for experiments/trajectory.py): the compute-matched
+   :func:`run_from_init` (the recipe from the initialisation on the remaining data for a given
+   number of steps), :func:`run_finetune` (the recipe from ``w*``), :func:`run_scrub` (Kurmanji et
+   al. 2023) and :func:`run_salun` (Fan et al. 2024), compact re-implementations.
+
+Every ``run_*`` function returns :class:`~mini_unlearn_jax.methods.MethodOutput` with the run
+time of an ahead-of-time compiled program and the compile time apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .models import Objective
+from .training import TrainConfig, Trainer, TrainState
+
+Params = Any
+
+
+# =============================================================================
+# The snapshot policy: K snapshots at a fixed, log-spaced schedule
+# =============================================================================
+
+
+def log_schedule(total_steps: int, size: int, *, first: int = 1) -> tuple[int, ...]:
+    """``size`` distinct steps ``0 = s_0 < s_1 < ... < s_{K-1} = total_steps``, geometric from ``first``.
+
+    Rounding collisions are pushed up to the next free step, so the early steps stay dense.
+    """
+    if size < 2:
+        raise ValueError(f"a log schedule needs size >= 2 (step 0 and the last step), got {size}")
+    if first < 1 or total_steps < max(first, size - 1):
+        raise ValueError(f"cannot place {size} distinct steps from {first} to {total_steps}")
+    ratio = (total_steps / first) ** (1.0 / max(size - 2, 1))
+    raw = [0] + [int(round(first * ratio**i)) for i in range(size - 1)]
+    raw[-1] = total_steps
+    out = [0]
+    for i, s in enumerate(raw[1:], start=1):
+        out.append(min(max(s, out[-1] + 1), total_steps - (size - 1 - i)))
+    return tuple(out)
+
+
+class TrajectoryState(NamedTuple):
+    """The buffer: ``steps[K]`` (-1 where not written yet), ``params`` with leaves ``[K, ...]`` and
+    ``opt_state`` (leaves ``[K, ...]``, or ``()`` when the buffer keeps no optimizer state)."""
+
+    steps: jax.Array
+    params: Params
+    opt_state: Any
+
+
+class TrajectoryBuffer(NamedTuple):
+    """``init(params, opt_state=None)`` and ``update(state, step, params, opt_state=None)``, pure."""
+
+    init: Callable[..., TrajectoryState]
+    update: Callable[..., TrajectoryState]
+    schedule: tuple[int, ...]
+
+
+def trajectory_buffer(schedule, *, with_opt_state: bool = False) -> TrajectoryBuffer:
+    """A buffer that keeps ``w_t`` (and the optimizer state at ``t``) for ``t`` in ``schedule``.
+
+    Slot ``i`` holds step ``schedule[i]``; ``update`` at any other step returns the state
+    unchanged (a ``lax.cond``), so it can run at every step of a ``lax.scan``. Memory:
+    ``K * |w|`` numbers (``3 K |w|`` with Adam's state).
+    """
+    sched = tuple(int(s) for s in schedule)
+    if not sched or sched[0] < 0 or any(b <= a for a, b in zip(sched, sched[1:], strict=False)):
+        raise ValueError(f"schedule must be strictly increasing non-negative steps, got {sched}")
+    K = len(sched)
+    table = np.asarray(sched, np.int32)
+
+    def init(params: Params, opt_state: Any = None) -> TrajectoryState:
+        stack = lambda a: jnp.zeros((K,) + jnp.shape(a), jnp.result_type(a))
+        opt = jax.tree.map(stack, opt_state) if with_opt_state else ()
+        return TrajectoryState(jnp.full((K,), -1, jnp.int32), jax.tree.map(stack, params), opt)
+
+    def update(state: TrajectoryState, step, params: Params, opt_state: Any = None) -> TrajectoryState:
+        step = jnp.asarray(step, jnp.int32)
+        slot = jnp.clip(jnp.searchsorted(jnp.asarray(table), step), 0, K - 1)
+        hit = jnp.asarray(table)[slot] == step
+
+        def write(s: TrajectoryState) -> TrajectoryState:
+            put = lambda buf, v: buf.at[slot].set(jnp.asarray(v).astype(buf.dtype))
+            opt = jax.tree.map(put, s.opt_state, opt_state) if with_opt_state else ()
+            return TrajectoryState(s.steps.at[slot].set(step), jax.tree.map(put, s.params, params), opt)
+
+        return jax.lax.cond(hit, write, lambda s: s, state)
+
+    return TrajectoryBuffer(init, update, sched)
+
+
+def snapshot(state: TrajectoryState, i) -> Params:
+    """The parameters in slot ``i``."""
+    return jax.tree.map(lambda a: a[i], state.params)
+
+
+def train_with_trajectory(objective: Objective, cfg: TrainConfig, params0: Params, x, y, weights=None, *,
+                          schedule=None, size: int = 12,
+                          with_opt_state: bool = False) -> tuple[TrainState, TrajectoryState]:
+    """Train with the mini-batch recipe ``cfg`` and fill a trajectory buffer.
+
+    The optimizer steps are :meth:`Trainer.step`'s, so the final parameters equal
+    ``Trainer(objective, cfg).fit(...)``'s bit for bit. ``schedule`` defaults to
+    ``log_schedule(cfg.steps, size)``.
+
+    Returns:
+      ``(final TrainState, TrajectoryState)``; the buffer's last slot holds ``w*``.
+    """
+    if cfg.batch_size is None or cfg.optimizer == "lbfgs":
+        raise ValueError("trajectory training is for mini-batch recipes (adam or sgd with a batch size)")
+    schedule = tuple(schedule) if schedule is not None else log_schedule(cfg.steps, size)
+    if schedule[-1] != cfg.steps:
+        raise ValueError(f"the schedule must end at the last step {cfg.steps}, got {schedule[-1]}")
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    w = jnp.ones((x.shape[0],), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
+    # the project's own snapshot buffer is not needed here: one slot, never written after step 0
+    trainer_cfg = dataclasses.replace(cfg, snapshots=1, snapshot_every=cfg.steps + 1)
+    return _train(objective, trainer_cfg, schedule, with_opt_state, params0, x, y, w)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _train(objective: Objective, cfg: TrainConfig, schedule: tuple, with_opt_state: bool, params0, x, y, w):
+    trainer = Trainer(objective, cfg)
+    buf = trajectory_buffer(schedule, with_opt_state=with_opt_state)
+    st = trainer.init(params0)
+    traj = buf.update(buf.init(st.params, st.opt_state), 0, st.params, st.opt_state)
+
+    def body(c, _):
+        s, tr = c
+        s = trainer.step(s, x, y, w)
+        return (s, buf.update(tr, s.step, s.params, s.opt_state)), None
+
+    (st, traj), _ = jax.lax.scan(body, (st, traj), None, length=cfg.steps)
+    return st, traj
+
+
+# =============================================================================
+# Pieces of the method
+# =============================================================================
+
+
+def memorisation_gaps(objective: Objective, traj_params: Params, x_forget, y_forget, forget_mask,
+                      x_val, y_val) -> jax.Array:
+    """``m[k]`` = mean true-class probability of snapshot ``k`` on the (masked) forget set minus
+    that on the held-out set: ``[K]``. Near 0 before memorisation, growing as training fits the
+    forget set better than unseen data."""
+
+    def gap(p):
+        pf = jnp.exp(-objective.losses(p, x_forget, y_forget))
+        pv = jnp.exp(-objective.losses(p, x_val, y_val))
+        return jnp.sum(pf * forget_mask) / jnp.maximum(jnp.sum(forget_mask), 1.0) - jnp.mean(pv)
+
+    return jax.lax.map(gap, traj_params)
+
+
+@functools.partial(jax.jit, static_argnames=("objective",))
+def memorisation_profile(objective: Objective, traj: TrajectoryState, x, y, x_val, y_val) -> jax.Array:
+    """The memorisation gap of every snapshot on the whole training set: ``[K]``, computed once
+    after training (one forward pass over the training and held-out sets per snapshot). For a
+    random forget set its expected gap equals this, with ~``n/r`` times less sampling noise."""
+    return memorisation_gaps(objective, traj.params, x, y, jnp.ones((x.shape[0],), jnp.float32), x_val, y_val)
+
+
+def select_snapshot(gaps: jax.Array, steps: jax.Array, threshold: float) -> jax.Array:
+    """Index of the latest written snapshot before the last one with ``gap <= threshold`` (0 if none)."""
+    K = gaps.shape[0]
+    ok = (gaps <= threshold) & (steps >= 0) & (jnp.arange(K) < K - 1)
+    return jnp.max(jnp.where(ok, jnp.arange(K), 0))
+
+
+def fit_temperature(logits: jax.Array, y: jax.Array, target: jax.Array, iters: int = 40) -> jax.Array:
+    """The temperature ``tau >= tau_opt`` with ``mean CE(tau * logits, y) = target``.
+
+    ``mean CE(tau z)`` is convex in ``tau``; ``tau_opt`` minimises it. Over-confidence lies on the
+    branch ``tau >= tau_opt``; a target below the minimum gives ``tau_opt``, one above the value at
+    ``tau = e^4`` gives ``e^4``. Golden section for ``tau_opt``, then bisection, in ``log tau``.
+    """
+    f = lambda lt: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(jnp.exp(lt) * logits, y))
+    g = (np.sqrt(5.0) - 1.0) / 2.0
+
+    def golden(_, ab):
+        a, b = ab
+        c, d = b - g * (b - a), a + g * (b - a)
+        return jnp.where(f(c) < f(d), jnp.stack([a, d]), jnp.stack([c, b]))
+
+    a, b = jax.lax.fori_loop(0, iters, golden, jnp.asarray([-4.0, 4.0], logits.dtype))
+    lo0 = (a + b) / 2
+
+    def bisect(_, lh):
+        lo, hi = lh
+        mid = (lo + hi) / 2
+        return jnp.where(f(mid) < target, jnp.stack([mid, hi]), jnp.stack([lo, mid]))
+
+    lo, hi = jax.lax.fori_loop(0, iters, bisect, jnp.stack([lo0, jnp.asarray(4.0, logits.dtype)]))
+    lt = jnp.where(target <= f(lo0), lo0, (lo + hi) / 2)
+    return jnp.exp(lt)
+
+
+def scale_head(params: Params, tau, head: str | None = None) -> Params:
+    """Multiply the last top-level module's leaves (a final linear layer's kernel and bias) by ``tau``."""
+    head = head or list(params.keys())[-1]
+    return {**params, head: jax.tree.map(lambda a: (a * tau).astype(a.dtype), params[head])}
+
+
+def keep_batches(key: jax.Array, keep: jax.Array, steps: int, batch_size: int) -> jax.Array:
+    """Mini-batch indices ``[steps, batch_size]``: epochs over the kept rows (``keep > 0``) in a
+    fresh random order per epoch (fixed shapes for any number of kept rows)."""
+    n = keep.shape[0]
+    n_keep = jnp.maximum(jnp.sum(keep > 0), 1).astype(jnp.int32)
+    per_epoch = jnp.maximum(n_keep // batch_size, 1)
+
+    def one(t):
+        e, b = t // per_epoch, t % per_epoch
+        u = jax.random.uniform(jax.random.fold_in(key, e), (n,)) + 2.0 * (keep <= 0)
+        return jnp.argsort(u)[(b * batch_size + jnp.arange(batch_size)) % n_keep]
+
+    return jax.lax.map(one, jnp.arange(steps))
+
+
+def adam_phase(objective: Objective, params: Params, x, y, keep, key, *, steps: int, batch_size: int,
+               learning_rate, loss_fn=None) -> Params:
+    """``steps`` Adam steps on mini-batches of the kept rows (``learning_rate``: a float or an optax
+    schedule); ``loss_fn(params, xb, yb)`` defaults to the objective's batch loss + penalty."""
+    opt = optax.adam(learning_rate)
+    loss_fn = loss_fn or (lambda p, xb, yb: objective.data_loss(p, xb, yb) + objective.penalty(p))
+    idx = keep_batches(key, keep, steps, batch_size)
+
+    def body(c, bi):
+        p, s = c
+        u, s = opt.update(jax.grad(loss_fn)(p, x[bi], y[bi]), s, p)
+        return (optax.apply_updates(p, u), s), None
+
+    (p, _), _ = jax.lax.scan(body, (params, opt.init(params)), idx)
+    return p
+
+
+# =============================================================================
+# The method
+# =============================================================================
+
+
+@dataclasses.dataclass(frozen=True)
+class TrajectoryConfig:
+    """Knobs of trajectory unlearning (fixed once on the leaky MLP, 10 % removal, seed 0).
+
+    Attributes:
+      threshold: rewind to the latest snapshot whose memorisation gap (the larger of the forget
+        set's and the training set's profile) is at most this.
+      budget: retraining steps as a fraction of the recipe's steps (0.075 of 1,600 = 120).
+      peak_lr_scale: one-cycle peak learning rate as a multiple of the recipe's.
+      calibrate: scale the output logits to the original model's held-out loss.
+      max_eval: the forget set is subsampled to at most this many examples for the gaps.
+      head: the top-level parameter entry that holds the final linear layer (None: the last).
+      seed: seeds the mini-batch order and the forget-set subsample.
+      rewind_at: if set, skip the rule and rewind to the latest snapshot at or before this step
+        (for ablations).
+    """
+
+    threshold: float = 0.01
+    budget: float = 0.075
+    peak_lr_scale: float = 8.0
+    calibrate: bool = True
+    max_eval: int = 256
+    head: str | None = None
+    seed: int = 0
+    rewind_at: int | None = None
+
+    def __post_init__(self):
+        if not 0 < self.budget <= 1:
+            raise ValueError(f"budget must lie in (0, 1], got {self.budget}")
+        if self.peak_lr_scale <= 0 or self.max_eval < 1:
+            raise ValueError("peak_lr_scale and max_eval must be positive")
+
+
+class TrajectoryResult(NamedTuple):
+    """``params``; the snapshot it restarted from (``rewind_index``, ``rewind_step``); the
+    memorisation gap of every snapshot (``gaps [K]``); the temperature ``tau`` (1 when not
+    calibrated); ``steps`` of retraining; ``finite``: whether the result is finite."""
+
+    params: Params
+    rewind_index: jax.Array
+    rewind_step: jax.Array
+    gaps: jax.Array
+    tau: jax.Array
+    steps: int
+    finite: jax.Array
+
+
+def phase_steps(cfg: TrainConfig, config: TrajectoryConfig) -> int:
+    return max(1, int(round(config.budget * cfg.steps)))
+
+
+@functools.partial(jax.jit, static_argnames=("objective", "cfg", "config"))
+def trajectory_unlearn(objective: Objective, cfg: TrainConfig, config: TrajectoryConfig, traj: TrajectoryState,
+                       profile: jax.Array, params: Params, x, y, keep, forget_idx, forget_mask, x_val,
+                       y_val) -> TrajectoryResult:
+    """Unlearn the rows with ``keep == 0`` (one jitted call; see the module docstring).
+
+    Args:
+      objective, cfg: the training objective and recipe (batch size, steps, learning rate).
+      config: :class:`TrajectoryConfig` (static).
+      traj: the trajectory buffer from :func:`train_with_trajectory`.
+      profile: :func:`memorisation_profile` of the buffer ``[K]`` (``-inf`` entries: forget set only).
+      params: the trained ``w*`` (calibration target).
+      x, y, keep: the training set and its 0/1 mask of remaining rows ``[n]``.
+      forget_idx, forget_mask: removed rows (a subsample of at most ``max_eval``) padded to a
+        fixed size, and the 0/1 mask of real entries -- see :func:`forget_sample`.
+      x_val, y_val: a labelled held-out set (never trained on).
+    """
+    xf, yf = x[forget_idx], y[forget_idx]
+    gaps = jnp.maximum(memorisation_gaps(objective, traj.params, xf, yf, forget_mask, x_val, y_val), profile)
+    if config.rewind_at is None:
+        k = select_snapshot(gaps, traj.steps, config.threshold)
+    else:
+        k = jnp.max(jnp.where((traj.steps <= config.rewind_at) & (traj.steps >= 0), jnp.arange(gaps.shape[0]), 0))
+    start = snapshot(traj, k)
+    steps = phase_steps(cfg, config)
+    lr = optax.cosine_onecycle_schedule(steps, config.peak_lr_scale * cfg.learning_rate)
+    out = adam_phase(objective, start, x, y, keep, jax.random.key(config.seed), steps=steps,
+                     batch_size=cfg.batch_size, learning_rate=lr)
+    tau = jnp.ones((), jnp.float32)
+    if config.calibrate:
+        target = jnp.mean(objective.losses(params, x_val, y_val))
+        tau = fit_temperature(objective.apply_fn(out, x_val), y_val, target)
+        out = scale_head(out, tau, config.head)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(out)]))
+    return TrajectoryResult(out, k, traj.steps[k], gaps, tau, steps, finite)
+
+
+def forget_sample(forget, n: int, max_eval: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``max_eval`` of the forget indices (a seeded subsample), padded to ``max_eval``, and
+    the 0/1 mask of real entries: the fixed shape the gaps are computed on."""
+    idx = np.unique(np.asarray(forget)).astype(np.int32)
+    if idx.size == 0 or idx.min() < 0 or idx.max() >= n:
+        raise ValueError(f"forget indices must be non-empty and lie in [0, {n})")
+    if idx.size > max_eval:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, max_eval, replace=False))
+    pad = np.zeros(max_eval, np.int32)
+    pad[: idx.size] = idx
+    mask = np.zeros(max_eval, np.float32)
+    mask[: idx.size] = 1.0
+    return pad, mask
+
+
+# =============================================================================
+# Method runners (MethodOutput with compile time apart) and baselines
+# =============================================================================
+
+
+_COMPILED: dict = {}
+
+
+def _aot(fn_jit, static: tuple, dyn: tuple):
+    """Compile ``fn_jit(*static, *dyn)`` ahead of time (its static arguments come first), cached by
+    the static values and argument shapes; returns (compiled, compile seconds or 0 when cached)."""
+    sig = tuple((np.shape(a), str(getattr(a, "dtype", type(a)))) for a in jax.tree.leaves(dyn))
+    key = (fn_jit, static, jax.tree.structure(dyn), sig)
+    if key in _COMPILED:
+        return _COMPILED[key], 0.0
+    t0 = time.perf_counter()
+    c = fn_jit.lower(*static, *dyn).compile()
+    if len(_COMPILED) > 128:
+        _COMPILED.clear()
+    _COMPILED[key] = c
+    return c, time.perf_counter() - t0
+
+
+def _timed(compiled, dyn):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(compiled(*dyn))
+    return out, time.perf_counter() - t0
+
+
+def _finite(params) -> bool:
+    return bool(all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(params)))
+
+
+def _keep(n: int, forget) -> jax.Array:
+    keep = np.ones(n, np.float32)
+    keep[np.asarray(forget)] = 0.0
+    return jnp.asarray(keep)
+
+
+def run_trajectory(problem, forget, *, trajectory: TrajectoryState, x_val, y_val, profile=None,
+                   config: TrajectoryConfig = TrajectoryConfig()):
+    """Trajectory unlearning of ``forget`` on a :class:`~mini_unlearn_jax.methods.Problem`.
+
+    Needs, besides the problem (objective, mini-batch recipe, ``w*``, training set), the
+    trajectory buffer of :func:`train_with_trajectory`, its :func:`memorisation_profile` (computed
+    once after training; None: the rule looks at the forget set only) and a labelled held-out
+    set. A non-finite result is reported as not converged and ``w*`` is returned.
+    """
+    from .methods import MethodOutput
+
+    n = int(problem.x.shape[0])
+    cfg = problem.train_config
+    fidx, fmask = forget_sample(forget, n, config.max_eval, config.seed)
+    K = int(trajectory.steps.shape[0])
+    prof = jnp.full((K,), -jnp.inf, jnp.float32) if profile is None else jnp.asarray(profile, jnp.float32)
+    dyn = (trajectory, prof, problem.params, problem.x, problem.y, _keep(n, forget), jnp.asarray(fidx),
+           jnp.asarray(fmask), jnp.asarray(x_val), jnp.asarray(y_val))
+    compiled, c = _aot(trajectory_unlearn, (problem.objective, cfg, config), dyn)
+    res, t = _timed(compiled, dyn)
+    ok = bool(res.finite)
+    info = {"rewind_step": int(res.rewind_step), "rewind_index": int(res.rewind_index),
+            "gaps": [float(v) for v in np.asarray(res.gaps)], "tau": float(res.tau), "steps": res.steps,
+            "snapshot_steps": [int(s) for s in np.asarray(trajectory.steps)]}
+    reason = (f"rewound to step {info['rewind_step']}, retrained {res.steps} steps, tau {info['tau']:.3g}"
+              if ok else "the retraining phase produced NaN/inf; the original parameters are returned")
+    return MethodOutput(res.params if ok else problem.params, ok, reason, t, c, info)
+
+
+@functools.partial(jax.jit, static_argnames=("objective", "steps", "batch_size", "lr"))
+def _plain(objective: Objective, steps: int, batch_size: int, lr: float, params, x, y, keep, key):
+    return adam_phase(objective, params, x, y, keep, key, steps=steps, batch_size=batch_size, learning_rate=lr)
+
+
+def _run_plain(problem, forget, start, steps: int, label: str, seed: int = 0):
+    from .methods import MethodOutput
+
+    cfg = problem.train_config
+    n = int(problem.x.shape[0])
+    dyn = (start, problem.x, problem.y, _keep(n, forget), jax.random.key(seed + 1))
+    static = (problem.objective, int(steps), cfg.batch_size, float(cfg.learning_rate))
+    compiled, c = _aot(_plain, static, dyn)
+    out, t = _timed(compiled, dyn)
+    ok = _finite(out)
+    return MethodOutput(out if ok else problem.params, ok, f"{label}: {steps} steps" if ok else f"{label} diverged",
+                        t, c, {"steps": int(steps)})
+
+
+def run_from_init(problem, forget, *, steps: int, seed: int = 0):
+    """The compute-matched baseline: the recipe (Adam at its learning rate, its batch size) from the
+    initialisation ``params0`` on the remaining data for ``steps`` steps."""
+    return _run_plain(problem, forget, problem.params0, steps, "from init", seed)
+
+
+def run_finetune(problem, forget, *, steps: int, seed: int = 0):
+    """The recipe from ``w*`` on the remaining data for ``steps`` steps."""
+    return _run_plain(problem, forget, problem.params, steps, "finetune", seed)
+
+
+# -- SCRUB (Kurmanji et al., NeurIPS 2023) ---------------------------------------------------
+
+
+def _kl_teacher_student(zt, zs):
+    pt = jax.nn.softmax(zt)
+    return jnp.mean(jnp.sum(pt * (jax.nn.log_softmax(zt) - jax.nn.log_softmax(zs)), -1))
+
+
+@functools.partial(jax.jit, static_argnames=("objective", "steps", "max_steps", "batch_size", "lr", "gamma"))
+def _scrub(objective: Objective, steps: int, max_steps: int, batch_size: int, lr: float, gamma: float,
+           params, x, y, keep, key):
+    """Student = teacher = ``w*``. Each iteration: (during the first ``max_steps``) one step that
+    maximises KL(teacher || student) on a forget batch, then one step that minimises
+    ``KL + gamma * CE`` on a remaining batch (the paper's alternating max / min steps)."""
+    opt = optax.adam(lr)
+    kr, kf = jax.random.split(key)
+    idx_r = keep_batches(kr, keep, steps, batch_size)
+    idx_f = keep_batches(kf, 1.0 - keep, steps, batch_size)
+    teacher = params
+
+    def body(c, ti):
+        p, s = c
+        t, br, bf = ti
+        zt_f = objective.apply_fn(teacher, x[bf])
+        gmax = jax.grad(lambda q: -_kl_teacher_student(zt_f, objective.apply_fn(q, x[bf])))(p)
+        u, s2 = opt.update(gmax, s, p)
+        p, s = jax.tree.map(lambda a, b: jnp.where(t < max_steps, a, b), (optax.apply_updates(p, u), s2), (p, s))
+        zt_r = objective.apply_fn(teacher, x[br])
+
+        def lmin(q):
+            zs = objective.apply_fn(q, x[br])
+            ce = jnp.mean(jax.vmap(objective.example_loss)(zs, y[br]))
+            return _kl_teacher_student(zt_r, zs) + gamma * ce + objective.penalty(q)
+
+        u, s = opt.update(jax.grad(lmin)(p), s, p)
+        return (optax.apply_updates(p, u), s), None
+
+    (p, _), _ = jax.lax.scan(body, (params, opt.init(params)), (jnp.arange(steps), idx_r, idx_f))
+    return p
+
+
+def run_scrub(problem, forget, *, steps: int, max_steps: int, lr: float, gamma: float = 1.0, seed: int = 0):
+    """SCRUB, compact: ``steps`` min-steps (each ~1 recipe step) of which the first ``max_steps``
+    are preceded by a max-step on a forget batch."""
+    from .methods import MethodOutput
+
+    cfg = problem.train_config
+    n = int(problem.x.shape[0])
+    dyn = (problem.params, problem.x, problem.y, _keep(n, forget), jax.random.key(seed + 2))
+    static = (problem.objective, int(steps), int(max_steps), cfg.batch_size, float(lr), float(gamma))
+    compiled, c = _aot(_scrub, static, dyn)
+    out, t = _timed(compiled, dyn)
+    ok = _finite(out)
+    return MethodOutput(out if ok else problem.params, ok, "scrub" if ok else "SCRUB diverged", t, c,
+                        {"steps": steps, "max_steps": max_steps, "lr": lr, "gamma": gamma})
+
+
+# -- SalUn (Fan et al., ICLR 2024) ----------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("objective", "steps", "batch_size", "lr", "sparsity", "num_classes"))
+def _salun(objective: Objective, steps: int, batch_size: int, lr: float, sparsity: float, num_classes: int,
+           params, x, y, keep, key):
+    """Saliency mask: the entries of ``|grad of the forget loss at w*|`` above its ``sparsity``
+    quantile (over all weights). Then Adam on ``CE(forget batch, random labels) + CE(remaining
+    batch, labels)``, updating only the salient entries."""
+    forget_w = 1.0 - keep
+    g = jax.grad(lambda p: objective.data_loss(p, x, y, forget_w))(params)
+    flat = jnp.concatenate([jnp.abs(a).ravel() for a in jax.tree.leaves(g)])
+    thr = jnp.quantile(flat, sparsity)
+    mask = jax.tree.map(lambda a: (jnp.abs(a) >= thr).astype(a.dtype), g)
+    opt = optax.adam(lr)
+    kr, kf, kl = jax.random.split(key, 3)
+    idx_r = keep_batches(kr, keep, steps, batch_size)
+    idx_f = keep_batches(kf, forget_w, steps, batch_size)
+
+    def body(c, ti):
+        p, s = c
+        t, br, bf = ti
+        yr_rand = (y[bf] + jax.random.randint(jax.random.fold_in(kl, t), bf.shape, 1, num_classes)) % num_classes
+
+        def loss(q):
+            lf = objective.data_loss(q, x[bf], yr_rand)
+            lr_ = objective.data_loss(q, x[br], y[br])
+            return lf + lr_ + objective.penalty(q)
+
+        gr = jax.tree.map(jnp.multiply, jax.grad(loss)(p), mask)
+        u, s = opt.update(gr, s, p)
+        return (optax.apply_updates(p, u), s), None
+
+    (p, _), _ = jax.lax.scan(body, (params, opt.init(params)), (jnp.arange(steps), idx_r, idx_f))
+    return p
+
+
+def run_salun(problem, forget, *, steps: int, lr: float, sparsity: float = 0.5, seed: int = 0):
+    """SalUn, compact: random-label fine-tuning restricted to the salient half of the weights."""
+    from .methods import MethodOutput
+
+    cfg = problem.train_config
+    n = int(problem.x.shape[0])
+    num_classes = int(problem.objective.apply_fn(problem.params, problem.x[:1]).shape[-1])
+    dyn = (problem.params, problem.x, problem.y, _keep(n, forget), jax.random.key(seed + 3))
+    static = (problem.objective, int(steps), cfg.batch_size, float(lr), float(sparsity), num_classes)
+    compiled, c = _aot(_salun, static, dyn)
+    out, t = _timed(compiled, dyn)
+    ok = _finite(out)
+    return MethodOutput(out if ok else problem.params, ok, "salun" if ok else "SalUn diverged", t, c,
+                        {"steps": steps, "lr": lr, "sparsity": sparsity})
