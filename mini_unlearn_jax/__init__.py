@@ -12,7 +12,15 @@ from .curvature import EKFAC, fit_stats
 from .data import DataError, Dataset, load_dataset
 from .methods import METHODS, MethodOutput, Problem, run_method
 from .metrics import agreement, mean_kl, predict_probs, rel_param_error
-from .mini import MiniConfig, UnlearnResult, unlearn, unlearn_many
+from .mini import (
+    MiniConfig,
+    UnlearnError,
+    UnlearnResult,
+    pad_request,
+    unlearn,
+    unlearn_core,
+    unlearn_many,
+)
 from .models import MLP, LogisticRegression, Objective, build_model, init_params, make_objective
 from .snapshots import SnapshotBuffer, SnapshotState, snapshot_buffer
 from .training import TrainConfig, Trainer, TrainState, default_config, train
@@ -28,6 +36,6 @@ __all__ = [
     "MLP", "LogisticRegression", "Objective", "build_model", "init_params", "make_objective",
     "SnapshotBuffer", "SnapshotState", "snapshot_buffer",
     "TrainConfig", "Trainer", "TrainState", "default_config", "train",
-    "MiniConfig", "UnlearnResult", "unlearn", "unlearn_many",
+    "MiniConfig", "UnlearnError", "UnlearnResult", "pad_request", "unlearn", "unlearn_core", "unlearn_many",
 ]
 __version__ = "0.1.0"

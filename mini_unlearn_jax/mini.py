@@ -585,6 +585,24 @@ def _solve_many(objective, cfg, kind, params, sp, sg, sc, stats, x, y, idx, mask
 _solve_many_jit = jax.jit(_solve_many, static_argnums=(0, 1, 2))
 
 
+def unlearn_core(objective: Objective, params: Params, snapshots: SnapshotState, x, y, idx, mask, *,
+                 stats: cv.EKFAC | None = None, config: MiniConfig = MiniConfig()) -> UnlearnResult:
+    """The traceable core of :func:`unlearn`: call it inside your own ``jax.jit`` / ``jax.vmap``.
+
+    The forget set is given as arrays: ``idx[r]`` integer indices into ``x``/``y`` and ``mask[r]``
+    with 1 for a real entry and 0 for padding (what :func:`pad_request` makes; a fixed ``r``
+    compiles once for every request of up to ``r`` examples). Every argument except
+    ``objective``, ``config`` and whether ``stats`` is given may be traced (the snapshot buffer,
+    the indices, the mask, the data). No Python-level checks run here and nothing raises on
+    failure: check ``result.converged`` (a failed request holds the input parameters). Use
+    :func:`unlearn` for checked single requests.
+    """
+    with jax.ensure_compile_time_eval():  # the curvature path depends only on static facts
+        kind = _resolve_curvature(objective, config, stats)
+    return _solve(objective, config, kind, params, snapshots.params, snapshots.grads, snapshots.count, stats,
+                  jnp.asarray(x), jnp.asarray(y), jnp.asarray(idx), jnp.asarray(mask))
+
+
 def _check_inputs(params, snapshots: SnapshotState, x, y, stats) -> int:
     """Validate shapes and the buffer before tracing; returns n. Raises ValueError naming the problem."""
     if np.ndim(x) < 2 or np.ndim(y) != 1 or np.shape(x)[0] != np.shape(y)[0]:
