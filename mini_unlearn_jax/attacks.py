@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from scipy.special import log_ndtr
 
 from .models import Objective
 
@@ -443,6 +442,8 @@ def lira_scores(
     if not online:
         if not have_out.all():
             raise ValueError("offline LiRA needs at least one OUT shadow for every example")
+        from scipy.special import log_ndtr  # float64 tails; scipy loads only when LiRA runs
+
         return log_ndtr((t - mu_out) / sd_out)
     mu_in, sd_in, have_in = fit(m)
     both = have_in & have_out
