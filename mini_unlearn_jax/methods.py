@@ -313,12 +313,18 @@ def deltagrad_retrain(problem: Problem, forget, **options) -> MethodOutput:
 # -- sequential requests --------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("objective", "size", "every"))
-def _refresh(objective: Objective, size: int, every: int, snapshots, params, x, y):
+@functools.partial(jax.jit, static_argnames=("objective", "size", "every", "regrad"))
+def _refresh(objective: Objective, size: int, every: int, regrad: bool, snapshots, params, x, y):
     from .snapshots import snapshot_buffer
 
-    g_new = jax.grad(objective.data_loss)(params, x, y)
-    snaps = snapshot_buffer(size, every).update(snapshots, snapshots.steps.max() + 1, params, g_new, force=True)
+    grad = jax.grad(objective.data_loss)
+    if regrad:
+        # the older entries' gradients are of the full-data objective; secant pairs between them and
+        # the new entry would mix two objectives, so they are retaken on the remaining data (one
+        # pass per entry; the entries' parameters -- the trajectory -- stay as they were)
+        snapshots = snapshots._replace(grads=jax.lax.map(lambda p: grad(p, x, y), snapshots.params))
+    snaps = snapshot_buffer(size, every).update(snapshots, snapshots.steps.max() + 1, params, grad(params, x, y),
+                                                force=True)
     return snaps, cv.fit_stats(objective, params, x)
 
 
@@ -336,8 +342,10 @@ def refresh_for_next_request(problem: Problem, params, forget) -> Refresh:
     alive = np.flatnonzero(keep_mask(n, ul.validate_indices(forget, n)))
     x, y = problem.x[alive], problem.y[alive]
     cfg = problem.train_config
+    # models solved on the EKFAC path read only the newest entry; the others pair entries (L-BFGS)
+    regrad = problem.stats is None
     dyn = (problem.snapshots, params, x, y)
-    compiled, c = _aot(_refresh, (problem.objective, cfg.snapshots, cfg.snapshot_every), dyn)
+    compiled, c = _aot(_refresh, (problem.objective, cfg.snapshots, cfg.snapshot_every, regrad), dyn)
     (snaps, stats), t = _time(compiled, *dyn)
     return Refresh(dataclasses.replace(problem, params=params, snapshots=snaps, stats=stats, x=x, y=y), t, c)
 
@@ -346,7 +354,9 @@ def after_removal(problem: Problem, params, forget) -> Problem:
     """The problem for the next deletion request: the remaining data, ``params`` as the new
     trained model, its snapshot buffer refreshed with ``(params, grad G_{D\\R}(params))`` and its
     curvature statistics refitted on the remaining data (one pass over the remaining data; the
-    CLI reports its time as ``refresh_s`` and counts it in ``time_ratio``)."""
+    CLI reports its time as ``refresh_s`` and counts it in ``time_ratio``). Without EKFAC
+    statistics (models whose solver pairs buffer entries) the older entries' gradients are
+    retaken on the remaining data too, so every entry belongs to one objective (one pass each)."""
     return refresh_for_next_request(problem, params, forget).problem
 
 

@@ -42,3 +42,44 @@ def test_five_sequential_requests_match_one_request_and_retraining(tmp_path):
         print(name, rel, kl / kl_orig)
         assert rel < 0.3, (name, rel)
         assert kl < 0.05 * kl_orig, (name, kl, kl_orig)
+
+
+def test_refresh_keeps_one_objective_in_the_buffer():
+    """After a removal every buffer entry holds the remaining-data gradient at its own parameters
+    (models on the pairing path), so secant pairs never mix two objectives; for EKFAC models
+    only the newest entry is retaken."""
+    import jax
+
+    from mini_unlearn_jax import curvature as cv
+    from mini_unlearn_jax.models import build_model, make_objective
+    from mini_unlearn_jax.training import TrainConfig, Trainer
+
+    ds = load_dataset("synthetic:n=200,n_test=50,d=5,classes=3,seed=4")
+    x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
+    forget = np.arange(0, 200, 4)
+    keep = np.setdiff1d(np.arange(200), forget)
+    for name in ("mlp", "logreg"):
+        model = build_model(name, 3, hidden=8)
+        obj = make_objective(model, 1e-3)
+        cfg = TrainConfig(optimizer="adam", steps=60, batch_size=50, learning_rate=1e-2, snapshots=4, snapshot_every=10)
+        p0 = init_params(model, ds.x_train[0], 0)
+        st = Trainer(obj, cfg).fit(p0, x, y)
+        stats = cv.fit_stats(obj, st.params, x)
+        problem = M.Problem(obj, cfg, p0, st.params, st.snapshots, stats, x, y)
+        new_params = jax.tree.map(lambda a: a * 0.9, st.params)  # stands in for an unlearned model
+        nxt = M.refresh_for_next_request(problem, new_params, forget).problem
+        snaps, old = nxt.snapshots, st.snapshots
+        K = snaps.steps.shape[0]
+        newest = (int(snaps.count) - 1) % K
+        for k in range(K):
+            p_k = jax.tree.map(lambda a, k=k: a[k], snaps.params)
+            g_k = jax.tree.map(lambda a, k=k: a[k], snaps.grads)
+            want = jax.grad(obj.data_loss)(p_k, x[keep], y[keep])
+            if k == newest or name == "mlp":
+                for a, b in zip(jax.tree.leaves(g_k), jax.tree.leaves(want), strict=True):
+                    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+            else:  # logreg: the EKFAC path reads only the newest entry; the others are left as trained
+                for a, b in zip(jax.tree.leaves(g_k), jax.tree.leaves(jax.tree.map(lambda a, k=k: a[k], old.grads)),
+                                strict=True):
+                    np.testing.assert_array_equal(a, b)
+        assert (nxt.stats is None) == (name == "mlp")
