@@ -1,6 +1,8 @@
 """Curvature models used by the unlearning solvers.
 
-- :func:`hvp`, :func:`ggn_vp`: exact Hessian- and Gauss-Newton-vector products (``jax.jvp``).
+- :func:`hvp`, :func:`ggn_vp`: exact Hessian- and Gauss-Newton-vector products (``jax.jvp``);
+  :func:`frozen_softmax_loss`: the cross-entropy's Gauss-Newton model at fixed probabilities
+  (products from probabilities computed once).
 - :func:`lbfgs_hessian_product`: the compact L-BFGS quasi-Hessian ``B v`` of Byrd, Nocedal and
   Schnabel (1994) from secant pairs ``(s_j, y_j)``, as DeltaGrad uses.
 - :class:`EKFAC`: an eigenvalue-corrected Kronecker model of the multinomial logistic-regression
@@ -155,6 +157,18 @@ def ekfac_product(stats: EKFAC, diag: jax.Array, mat: jax.Array) -> jax.Array:
     """``U diag(diag) U^T mat``."""
     inner = stats.UA.T @ mat @ stats.UG
     return stats.UA @ (inner * diag) @ stats.UG.T
+
+
+def frozen_softmax_loss(logits: jax.Array, probs: jax.Array) -> jax.Array:
+    """``0.5 z^T (diag(p) - p p^T) z``: the quadratic whose Hessian in the logits is the softmax
+    cross-entropy's Hessian at probabilities ``p`` (its Gauss-Newton model there).
+
+    With ``probs[i] = softmax(logits_i(w*))`` in place of the labels, :func:`ggn_vp` of this loss
+    equals :func:`ggn_vp` of the cross-entropy at ``w*``; since the Hessian does not depend on the
+    logits, XLA drops their forward computation, so each product reads ``x`` twice, not three times.
+    """
+    pz = probs * logits
+    return 0.5 * (jnp.sum(pz * logits) - jnp.sum(pz) ** 2)
 
 
 def fit_stats(objective, params: Params, x, chunk: int = 8192) -> EKFAC | None:

@@ -14,7 +14,8 @@ Curvature (``MiniConfig.curvature``; the result's ``stats.curvature`` says which
 - ``ekfac`` (logistic regression with the plain softmax cross-entropy; the default there): the
   removed examples' gradient is taken once, at ``w*``, and ``g_R`` is modelled as affine,
   ``g_R(w*) + K (w - w*)`` with ``K`` the EKFAC model of the *remaining* Hessian (full statistics
-  minus the removed examples' exact terms, positive semi-definite at any ratio) and ``P = K +
+  minus the removed examples' exact terms, positive semi-definite at any ratio; above
+  ``MiniConfig.precond_sample`` removed examples their sum is estimated from that many) and ``P = K +
   l2 I``. The fixed point is therefore a linear preconditioned iteration on that model; it reads
   neither the data nor the removed examples after its first evaluation. The fidelity comes from
   the exact refinement passes.
@@ -46,7 +47,10 @@ the residual at the start, ``k - 1`` CG steps (fewer if CG converges). It is jud
 relative residual ``||H d + g_R(w*)|| / ||g_R(w*)||`` (1 is the residual of not moving): below 1
 it is accepted; otherwise the fixed-point iterate is returned if its own residual is below 1
 (``REFINE_NO_PROGRESS``, a success), else the input parameters (``REFINE_FAILED``).
-``refine_passes=0`` gives the variant that never reads the remaining data.
+On the EKFAC path the products use the softmax probabilities at ``w*``, computed once (one forward
+read of the data, not counted in ``data_passes`` but in the time), through the loss
+:func:`curvature.frozen_softmax_loss`: each product then reads the data twice instead of three
+times. ``refine_passes=0`` gives the variant that never reads the remaining data.
 
 A request that does not succeed returns its input parameters bit for bit. :func:`unlearn` raises
 :class:`UnlearnError` (carrying the result) unless ``throw=False``; :func:`unlearn_many` returns
@@ -123,19 +127,25 @@ class MiniConfig:
       mesh, mesh_axis: a ``jax.sharding.Mesh`` and axis name over which the removed examples'
         per-example gradients (and, when the training-set size divides evenly, the refinement's
         data passes) are sharded; ``None`` runs on the default device.
+      precond_sample: on the EKFAC path, the removed examples' curvature terms (which make the
+        remaining-data model) are summed over at most this many of them, spread evenly over the
+        request and scaled to all ``r`` (0: all of them). Their cost is ``(d+1)^2`` per example,
+        the largest setup cost at high ratios; they shape only the preconditioner and the start,
+        while the refinement's residual and the removed gradient stay exact.
       stationary: treat ``w*`` as the exact optimum of the full objective, i.e. subtract its
         residual gradient ``g* + l2 M w*`` (zero after training to convergence) so that only the
         removal moves the parameters; matters for models not trained to convergence (SGD/Adam).
     """
 
     curvature: str = "auto"
-    refine_passes: int = 5  # one residual pass + 4 CG steps (the same computation as the former "4")
+    refine_passes: int = 13  # one residual pass + 12 CG steps (cheap on the EKFAC path: see _refine_logreg)
     max_iter: int = 100
     tol: float = 1e-5
     chunk: int = 256
     damping: float = 0.0
     min_bucket: int = 64
     stationary: bool = True
+    precond_sample: int = 1024
     mesh: Any = None
     mesh_axis: str = "data"
 
@@ -147,6 +157,8 @@ class MiniConfig:
         if self.chunk & (self.chunk - 1) or self.min_bucket & (self.min_bucket - 1):
             raise ValueError(f"chunk ({self.chunk}) and min_bucket ({self.min_bucket}) must be powers of two, so that "
                              "a chunk divides every padded request size (buckets are powers of two); e.g. chunk=128")
+        if self.precond_sample < 0:
+            raise ValueError(f"precond_sample must be >= 0 (0: all removed examples), got {self.precond_sample}")
         if not (self.tol > 0 and self.damping >= 0):
             raise ValueError("tol must be > 0 and damping >= 0")
 
@@ -384,6 +396,23 @@ def _rate(hist: jax.Array, k: jax.Array):
     return q, m
 
 
+def _removed_ekfac_sum(stats: cv.EKFAC, xr, probs_r, mask, sample: int):
+    """Sum of the removed examples' exact EKFAC diagonal terms (cost ``r (d+1)^2``), or, when the
+    padded request holds more than ``sample`` rows (``sample > 0``), its estimate from ``sample``
+    of them spread evenly over the real (mask 1) rows, scaled by ``r / (their mask sum)``. It only
+    shapes the preconditioner and the start (the refinement's residual is exact)."""
+    size = xr.shape[0]
+    if sample <= 0 or size <= sample:
+        return cv.ekfac_removed_sum(stats, xr, probs_r, mask)
+    r = jnp.sum(mask)
+    real_first = jnp.argsort(-mask, stable=True)  # real rows first, in their order
+    pos = jnp.floor((jnp.arange(sample, dtype=mask.dtype) + 0.5) * r / sample).astype(jnp.int32)
+    sel = real_first[jnp.clip(pos, 0, size - 1)]
+    ms = mask[sel]
+    part = cv.ekfac_removed_sum(stats, xr[sel], probs_r[sel], ms)
+    return part * (r / jnp.maximum(jnp.sum(ms), 1.0))
+
+
 def _solve(objective: Objective, cfg: MiniConfig, kind: str, params, snap_params, snap_grads, snap_count,
            stats, x, y, idx, mask):
     n = x.shape[0]
@@ -420,7 +449,7 @@ def _solve(objective: Objective, cfg: MiniConfig, kind: str, params, snap_params
     setup_passes = 0
     if kind == "ekfac":
         probs_r = jax.nn.softmax(objective.apply_fn(params, xr), axis=-1)
-        diag_rem = jnp.maximum(n * stats.diag - cv.ekfac_removed_sum(stats, xr, probs_r, mask), 0.0) / nr
+        diag_rem = jnp.maximum(n * stats.diag - _removed_ekfac_sum(stats, xr, probs_r, mask, cfg.precond_sample), 0.0) / nr
         to_mat = lambda v: cv.logreg_matrix(unravel(v))
         to_vec = lambda m_: ravel_pytree(cv.logreg_params(m_))[0]
         precond = lambda v: to_vec(cv.ekfac_solve(stats, diag_rem, l2 + cfg.damping, to_mat(v)))
@@ -528,8 +557,16 @@ def _solve(objective: Objective, cfg: MiniConfig, kind: str, params, snap_params
     if cfg.refine_passes > 0:
         keep = jnp.ones((n,), dtype).at[idx].multiply(1.0 - mask)
 
+        obj_h, y_h = objective, y
+        if kind == "ekfac":
+            # softmax cross-entropy's Gauss-Newton model at w*: probabilities read once (one
+            # forward read of the data), then every product reads the data twice (x v, x^T h)
+            # instead of three times (the logits at w* are not recomputed per product)
+            probs = jax.nn.softmax(objective.apply_fn(params, x), axis=-1).astype(dtype)
+            obj_h, y_h = dataclasses.replace(objective, example_loss=cv.frozen_softmax_loss), probs
+
         def H(v):
-            gv = ravel_pytree(cv.ggn_vp(objective, params, x, y, keep, unravel(v)))[0]
+            gv = ravel_pytree(cv.ggn_vp(obj_h, params, x, y_h, keep, unravel(v)))[0]
             return gv + (l2 * m_vec + cfg.damping) * v
 
         def refine(_):

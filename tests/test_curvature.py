@@ -1,3 +1,5 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,3 +148,20 @@ def test_pcg_makes_at_most_iters_products_the_start_residual_included():
     assert len(calls) == int(used) <= 2 and float(rel) < 1e-4
     with pytest.raises(ValueError, match="iters >= 1"):
         cv.pcg(A, b, x0, lambda v: v, iters=0)
+
+
+def test_frozen_softmax_loss_gives_the_cross_entropy_hessian_products(logreg_problem):
+    obj, params, x, y = logreg_problem
+    n = x.shape[0]
+    keep = jnp.asarray((np.arange(n) % 4 != 0).astype(np.float32))
+    probs = jax.nn.softmax(obj.apply_fn(params, x))
+    frozen = dataclasses.replace(obj, example_loss=cv.frozen_softmax_loss)
+    for i in range(3):
+        v = cv.logreg_params(jax.random.normal(jax.random.key(i), cv.logreg_matrix(params).shape))
+        got = cv.ggn_vp(frozen, params, x, probs, keep, v)
+        exact = cv.hvp(lambda p: obj.data_loss(p, x, y, keep), params, v)  # independent oracle
+        np.testing.assert_allclose(ravel_pytree(got)[0], ravel_pytree(exact)[0], rtol=1e-4, atol=1e-6)
+    # its Hessian in the logits is diag(p) - p p^T whatever the logits
+    z = jax.random.normal(jax.random.key(5), (3,))
+    np.testing.assert_allclose(jax.hessian(cv.frozen_softmax_loss)(z, probs[0]),
+                               jnp.diag(probs[0]) - jnp.outer(probs[0], probs[0]), rtol=1e-5, atol=1e-7)

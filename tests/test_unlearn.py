@@ -285,3 +285,58 @@ def test_chunk_that_does_not_divide_the_buckets_is_refused_up_front():
     with pytest.raises(ValueError, match="powers of two"):
         ul.MiniConfig(chunk=100)
     ul.MiniConfig(chunk=128)
+
+
+def _dense_newton_step(problem, forget):
+    """The exact Newton step on F_{D\\R} from w* by a dense solve (independent oracle)."""
+    obj, params, x, y = problem.objective, problem.params, problem.x, problem.y
+    n = x.shape[0]
+    keep = jnp.asarray(M.keep_mask(n, forget))
+    w0, unravel = ravel_pytree(params)
+    m_vec = ravel_pytree(jax.tree.map(lambda p, m: jnp.full(p.shape, float(m), p.dtype), params, obj.l2_mask(params)))[0]
+    f = lambda w: obj.data_loss(unravel(w), x, y, keep) + 0.5 * obj.l2 * jnp.sum(m_vec * w * w)
+    g = jax.grad(f)(w0)
+    # stationary: subtract the full objective's own residual gradient at w* (zero at convergence)
+    full = lambda w: obj.data_loss(unravel(w), x, y, jnp.ones(n)) + 0.5 * obj.l2 * jnp.sum(m_vec * w * w)
+    g = g - jax.grad(full)(w0)
+    H = np.asarray(jax.hessian(f)(w0), np.float64)
+    step = np.linalg.lstsq(H, -np.asarray(g, np.float64), rcond=1e-10)[0]  # min-norm: the bias shift is flat
+    return w0, step
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.5])
+def test_ekfac_refinement_reaches_the_dense_newton_step(logreg, ratio):
+    ds, problem = logreg
+    forget = np.sort(np.random.default_rng(1).choice(ds.n_train, int(ratio * ds.n_train), replace=False))
+    w0, step = _dense_newton_step(problem, forget)
+    # enough products for CG to converge on 27 parameters: the refined iterate is the Newton step
+    cfg = ul.MiniConfig(refine_passes=40, precond_sample=0)
+    res = ul.unlearn(problem.objective, problem.params, problem.snapshots, problem.x, problem.y, forget,
+                     stats=problem.stats, config=cfg)
+    assert res.curvature() == "ekfac" and float(res.refine_residual) < 1e-3
+    got = ravel_pytree(problem.objective.canonicalize(res.params))[0]
+    want = ravel_pytree(problem.objective.canonicalize(ravel_pytree(problem.params)[1](w0 + step)))[0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-3 * max(1.0, float(np.linalg.norm(step))))
+
+
+def test_subsampled_removed_curvature_estimate_and_solve(logreg):
+    ds, problem = logreg
+    n = ds.n_train
+    forget = np.sort(np.random.default_rng(2).choice(n, 300, replace=False))
+    idx, mask = ul.pad_request(forget, n, 64)  # bucket 512, 300 real rows
+    stats, obj = problem.stats, problem.objective
+    xr = problem.x[idx]
+    probs_r = jax.nn.softmax(obj.apply_fn(problem.params, xr), -1)
+    exact = cv.ekfac_removed_sum(stats, xr, probs_r, jnp.asarray(mask))
+    # a sample covering every row is the exact sum; a smaller one is an estimate of it
+    np.testing.assert_allclose(ul._removed_ekfac_sum(stats, xr, probs_r, jnp.asarray(mask), 0), exact, rtol=1e-6)
+    np.testing.assert_allclose(ul._removed_ekfac_sum(stats, xr, probs_r, jnp.asarray(mask), 1024), exact, rtol=1e-6)
+    est = ul._removed_ekfac_sum(stats, xr, probs_r, jnp.asarray(mask), 128)
+    rel = float(jnp.linalg.norm(est - exact) / jnp.linalg.norm(exact))
+    assert rel < 0.2, rel
+    # the estimate shapes only the preconditioner: the refined solve still matches retraining
+    ret = M.run_method("retrain", problem, forget)
+    for sample in (0, 128):
+        res = ul.unlearn(obj, problem.params, problem.snapshots, problem.x, problem.y, forget, stats=stats,
+                         config=ul.MiniConfig(precond_sample=sample))
+        assert rel_param_error(res.params, ret.params, problem.params) < 0.3
