@@ -40,7 +40,8 @@ Termination (what the result's ``status`` codes mean; the messages are in :data:
 - At the step cap the rate estimate decides the message: ``MAX_ITER`` (still shrinking, or too few
   steps to tell) or ``NOT_CONTRACTING``. Both are failures.
 
-Refinement (``MiniConfig.refine_passes = k > 0``, the default): preconditioned conjugate gradients
+Refinement (``MiniConfig.refine_passes = k > 0``; by default 13 on the EKFAC path, 5 on the
+others): preconditioned conjugate gradients
 on the linearised fixed point ``H_{D\\R}(w*) d = -g_R(w*)`` started from the fixed point, with
 exactly ``k`` exact Gauss-Newton-vector products over the remaining data (masked passes): one for
 the residual at the start, ``k - 1`` CG steps (fewer if CG converges). It is judged by its
@@ -102,6 +103,8 @@ REASONS = {
                         "NaN), so the fixed-point iterate is returned without it",
 }
 CURVATURES = ("ekfac", "lbfgs", "exact")
+# refinement passes of MiniConfig(refine_passes=None) per curvature path (see MiniConfig)
+DEFAULT_REFINE_PASSES = {"ekfac": 13, "lbfgs": 5, "exact": 5}
 
 # termination constants (see the module docstring)
 RATE_WINDOW = 4  # the rate estimate is the geometric mean of up to this many last step ratios
@@ -119,6 +122,9 @@ class MiniConfig:
         and EKFAC statistics, ``lbfgs`` otherwise), ``ekfac``, ``lbfgs`` or ``exact``.
       refine_passes: exact Gauss-Newton products over the remaining data after the fixed point
         (data passes): one for the residual at the fixed point, the rest conjugate-gradient steps.
+        ``None`` (the default) picks by curvature path: 13 on the EKFAC path, where a product is
+        cheap and the EKFAC model preconditions well, and 5 on the others (non-convex models,
+        where each product costs more and more passes buy little; method.md section 6).
       max_iter: cap on fixed-point iterations.
       tol: stop when ``||w_k - w_{k-1}|| <= tol * max(1, ||w*||)`` (or at the dtype's resolution).
       chunk: removed examples per chunk of the removed-gradient sum.
@@ -138,7 +144,7 @@ class MiniConfig:
     """
 
     curvature: str = "auto"
-    refine_passes: int = 13  # one residual pass + 12 CG steps (cheap on the EKFAC path: see _refine_logreg)
+    refine_passes: int | None = None  # None: DEFAULT_REFINE_PASSES[curvature path]
     max_iter: int = 100
     tol: float = 1e-5
     chunk: int = 256
@@ -152,7 +158,7 @@ class MiniConfig:
     def __post_init__(self):
         if self.curvature not in ("auto", "ekfac", "lbfgs", "exact"):
             raise ValueError(f"unknown curvature {self.curvature!r}: use auto, ekfac, lbfgs or exact")
-        if self.refine_passes < 0 or self.max_iter < 1 or self.chunk < 1 or self.min_bucket < 1:
+        if (self.refine_passes is not None and self.refine_passes < 0) or self.max_iter < 1 or self.chunk < 1 or self.min_bucket < 1:
             raise ValueError("refine_passes >= 0, max_iter >= 1, chunk >= 1 and min_bucket >= 1 are required")
         if self.chunk & (self.chunk - 1) or self.min_bucket & (self.min_bucket - 1):
             raise ValueError(f"chunk ({self.chunk}) and min_bucket ({self.min_bucket}) must be powers of two, so that "
@@ -554,7 +560,8 @@ def _solve(objective: Objective, cfg: MiniConfig, kind: str, params, snap_params
     refine_res, fp_res, refine_used = nan, nan, jnp.zeros((), jnp.int32)
     status = fp.status
     w_out = w_fp
-    if cfg.refine_passes > 0:
+    refine_passes = cfg.refine_passes if cfg.refine_passes is not None else DEFAULT_REFINE_PASSES[kind]
+    if refine_passes > 0:
         keep = jnp.ones((n,), dtype).at[idx].multiply(1.0 - mask)
 
         obj_h, y_h = objective, y
@@ -570,7 +577,7 @@ def _solve(objective: Objective, cfg: MiniConfig, kind: str, params, snap_params
             return gv + (l2 * m_vec + cfg.damping) * v
 
         def refine(_):
-            return cv.pcg(H, -g_at_w0, w_fp - w0, precond, cfg.refine_passes, initial_residual=True)
+            return cv.pcg(H, -g_at_w0, w_fp - w0, precond, refine_passes, initial_residual=True)
 
         def skip(_):  # a failed fixed point is not refined (its input parameters are returned)
             return jnp.zeros_like(w0), nan, jnp.zeros((), jnp.int32), nan

@@ -339,3 +339,12 @@ def test_float32_parameters_stay_float32_under_x64(logreg):
         many = ul.unlearn_many(pb.objective, pb.params, pb.snapshots, x64, pb.y, [forget, forget[:9]], stats=stats64)
         assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(many.params))
     np.testing.assert_allclose(flat(res.params), flat(ref.params), rtol=1e-4, atol=1e-5)
+
+
+def test_default_refinement_passes_depend_on_the_curvature_path():
+    from mini_unlearn_jax.mini import DEFAULT_REFINE_PASSES
+
+    assert ul.MiniConfig().refine_passes is None
+    assert DEFAULT_REFINE_PASSES["ekfac"] > DEFAULT_REFINE_PASSES["lbfgs"] == DEFAULT_REFINE_PASSES["exact"]
+    with pytest.raises(ValueError):
+        ul.MiniConfig(refine_passes=-1)
