@@ -651,6 +651,12 @@ def _check_inputs(params, snapshots: SnapshotState, x, y, stats) -> int:
     """Validate shapes and the buffer before tracing; returns n. Raises ValueError naming the problem."""
     if np.ndim(x) < 2 or np.ndim(y) != 1 or np.shape(x)[0] != np.shape(y)[0]:
         raise ValueError(f"x must be [n, features...] and y [n] with the same n; got {np.shape(x)} and {np.shape(y)}")
+    low = sorted({str(jnp.result_type(a)) for a in jax.tree.leaves(params)
+                  if jnp.issubdtype(jnp.result_type(a), jnp.floating) and jnp.finfo(jnp.result_type(a)).bits < 32})
+    if low:
+        raise ValueError(f"parameters in {', '.join(low)}: the fixed point and the conjugate-gradient refinement need "
+                         "float32 or float64 (at 8 bits of mantissa their steps vanish into rounding); cast with "
+                         "jax.tree.map(lambda a: a.astype(jnp.float32), params) and cast the result back if you must")
     count = int(snapshots.count)
     if count < 1:
         raise ValueError("the snapshot buffer is empty: train with Trainer.fit (it records the final parameters)")

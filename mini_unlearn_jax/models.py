@@ -187,6 +187,10 @@ def build_model(name: str, num_classes: int, *, hidden: int = 256) -> nn.Module:
     raise ValueError(f"unknown model {name!r}: choose 'logreg' or 'mlp'")
 
 
-def init_params(model: nn.Module, x_example: Array, seed: int) -> Params:
-    """Initialize parameters from ``seed`` for inputs shaped like ``x_example`` (one example)."""
-    return model.init(jax.random.key(seed), jnp.asarray(x_example)[None])["params"]
+def init_params(model: nn.Module, x_example: Array, seed: int, dtype=None) -> Params:
+    """Initialize parameters from ``seed`` for inputs shaped like ``x_example`` (one example), in
+    ``dtype`` if given (else the module's parameter dtype, float32 for the bundled models)."""
+    params = model.init(jax.random.key(seed), jnp.asarray(x_example)[None])["params"]
+    if dtype is not None:
+        params = jax.tree.map(lambda a: a.astype(dtype), params)
+    return params

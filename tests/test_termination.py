@@ -348,3 +348,16 @@ def test_default_refinement_passes_depend_on_the_curvature_path():
     assert DEFAULT_REFINE_PASSES["ekfac"] > DEFAULT_REFINE_PASSES["lbfgs"] == DEFAULT_REFINE_PASSES["exact"]
     with pytest.raises(ValueError):
         ul.MiniConfig(refine_passes=-1)
+
+
+def test_bfloat16_parameters_are_refused_with_a_clear_message():
+    ds = synthetic(n=120, n_test=20, d=4, classes=3, seed=0)
+    model = build_model("logreg", 3)
+    obj = make_objective(model, 1e-2)
+    st = Trainer(obj, default_config("logreg", ds.n_train)).fit(init_params(model, ds.x_train[0], 0), ds.x_train,
+                                                                 ds.y_train)
+    p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), st.params)
+    with pytest.raises(ValueError, match="bfloat16.*float32 or float64"):
+        ul.unlearn(obj, p16, st.snapshots, ds.x_train, ds.y_train, [1, 2, 3])
+    p64 = init_params(model, ds.x_train[0], 0, dtype=jnp.bfloat16)
+    assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(p64))
