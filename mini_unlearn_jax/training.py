@@ -202,6 +202,9 @@ class Trainer:
         """
         cfg = self.cfg
         x = jnp.asarray(x)
+        pdtype = jnp.result_type(*jax.tree.leaves(params))
+        if jnp.issubdtype(x.dtype, jnp.floating) and jnp.issubdtype(pdtype, jnp.floating) and x.dtype != pdtype:
+            x = x.astype(pdtype)  # the model computes in its parameters' dtype (float64 data under x64, say)
         y = jnp.asarray(y)
         weights = jnp.asarray(np.ones((x.shape[0],), np.float32) if weights is None else weights, jnp.float32)
         # every jax computation runs through an ahead-of-time compiled program, so that

@@ -361,3 +361,16 @@ def test_bfloat16_parameters_are_refused_with_a_clear_message():
         ul.unlearn(obj, p16, st.snapshots, ds.x_train, ds.y_train, [1, 2, 3])
     p64 = init_params(model, ds.x_train[0], 0, dtype=jnp.bfloat16)
     assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(p64))
+
+
+def test_lbfgs_training_of_float32_parameters_on_float64_data_under_x64():
+    """The model computes in its parameters' dtype: float64 data under x64 no longer breaks
+    optax's L-BFGS line search (its branches disagreed on dtypes)."""
+    ds = synthetic(n=200, n_test=20, d=5, classes=3, seed=0)
+    model = build_model("logreg", 3)
+    obj = make_objective(model, 1e-2)
+    with jax.enable_x64(True):
+        st = Trainer(obj, default_config("logreg", 200)).fit(init_params(model, ds.x_train[0], 0),
+                                                             np.asarray(ds.x_train, np.float64), ds.y_train)
+        assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(st.params))
+        assert float(st.grad_norm) < 1e-4
