@@ -1,8 +1,10 @@
 """The ``mini-unlearn`` command line: train, unlearn, info.
 
-    mini-unlearn train --data SPEC --model {logreg,mlp} [--l2 FLOAT] [--hidden INT] [--seed INT] --out RUN_DIR
+    mini-unlearn train --data SPEC --model {logreg,mlp} [--l2 FLOAT] [--penalize-bias] [--hidden INT] [--seed INT]
+                       --out RUN_DIR
     mini-unlearn unlearn --run RUN_DIR [--method mini] (--ratio FLOAT | --forget FILE) [--seed INT]
-                         [--compare-retrain] [--mia] --out OUT_DIR [--export-probs FILE.npz] [--overwrite] [--json]
+                         [--compare-retrain] [--mia] [--certify] --out OUT_DIR [--export-probs FILE.npz]
+                         [--overwrite] [--json]
     mini-unlearn info RUN_DIR [--indices]
     mini-unlearn attack --run RUN_DIR --unlearned OUT_DIR --out ATTACK_DIR   (full MIA suite incl. LiRA)
 
