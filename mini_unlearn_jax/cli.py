@@ -322,9 +322,8 @@ def cmd_unlearn(args) -> int:
     entry = {"method": args.method, "n_removed": int(forget.size), "time_s": res.time_s,
              "data_fingerprint": meta["data_fingerprint"], "parent": str(run_dir),
              "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    p_train_now = mt.predict_probs(run.objective, res.params, x[keep])
     new_meta = dict(meta, kind="unlearned", n_train=int(n - forget.size), ledger=list(meta.get("ledger", [])) + [entry],
-                    test_acc=report["test_acc"], train_acc=mt.accuracy(p_train_now, np.asarray(y)[keep]),
+                    test_acc=report["test_acc"], train_acc=report["retain_acc"],
                     steps_run=None, final_grad_norm=None,
                     curvature_stats_bytes=nbytes(nxt.problem.stats) if nxt.problem.stats is not None else 0)
     report["wall_s"] = process_wall_s()  # up to writing the result (measured before the write)
