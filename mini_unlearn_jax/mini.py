@@ -201,6 +201,14 @@ class UnlearnStats(NamedTuple):
     curvature: jax.Array
 
 
+def _per_request(table, codes) -> str | list[str]:
+    """``table[code]`` for a single result's code, or a list with one entry per batched request."""
+    codes = np.asarray(codes)
+    if codes.ndim == 0:
+        return table[int(codes)]
+    return [table[int(c)] for c in codes.reshape(-1)]
+
+
 class UnlearnResult(NamedTuple):
     """What :func:`unlearn` returns (leaves gain a leading axis in :func:`unlearn_many`).
 
@@ -246,24 +254,15 @@ class UnlearnResult(NamedTuple):
 
     def reason(self) -> str | list[str]:
         """Why the solve stopped; a list with one message per request for a batched result."""
-        status = np.asarray(self.status)
-        if status.ndim == 0:
-            return REASONS[int(status)]
-        return [REASONS[int(s)] for s in status.reshape(-1)]
+        return _per_request(REASONS, self.status)
 
     def status_name(self) -> str | list[str]:
         """Short name of the result code (``converged``, ``expanding``, ...); a list for a batch."""
-        status = np.asarray(self.status)
-        if status.ndim == 0:
-            return STATUS_NAMES[int(status)]
-        return [STATUS_NAMES[int(s)] for s in status.reshape(-1)]
+        return _per_request(STATUS_NAMES, self.status)
 
     def curvature(self) -> str | list[str]:
         """The curvature path that ran (``ekfac``, ``lbfgs`` or ``exact``); a list for a batch."""
-        code = np.asarray(self.stats.curvature)
-        if code.ndim == 0:
-            return CURVATURES[int(code)]
-        return [CURVATURES[int(c)] for c in code.reshape(-1)]
+        return _per_request(CURVATURES, self.stats.curvature)
 
     def request(self, i: int) -> UnlearnResult:
         """Request ``i`` of a batched result from :func:`unlearn_many`, as a single result."""
