@@ -12,7 +12,7 @@ PY="${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3
 import os, time, sys, json
 import jax, jax.numpy as jnp, numpy as np
 import mini_unlearn_jax as mu
-from mini_unlearn_jax import methods as M
+from mini_unlearn_jax.core import methods as M
 
 print("devices:", jax.devices(), "| jax", jax.__version__, flush=True)
 try:

@@ -14,10 +14,10 @@ model reaches about the accuracy it reaches on HIGGS, ~0.64) with 5 % of the lab
 Features are standardised with the training set's mean and scale.
 
 Model: 2-class multinomial logistic regression, l2 = 1e-3 on every parameter (bias included:
-``make_objective(..., penalize_bias=True)``, so that :func:`mini_unlearn_jax.certificate.certify`
+``make_objective(..., penalize_bias=True)``, so that :func:`mini_unlearn_jax.core.certificate.certify`
 gives a bound; ``--bias-free`` runs the project's default objective instead), trained full batch
 with L-BFGS by the project's default recipe. For each removal ratio (uniform random R) the
-methods run side by side through ``mini_unlearn_jax.methods.run_method``: ``retrain`` (ground
+methods run side by side through ``mini_unlearn_jax.core.methods.run_method``: ``retrain`` (ground
 truth), ``mini`` and ``mini-lite``; then the refresh for the next request
 (``methods.refresh_for_next_request``) and the certificate pass. Times exclude compilation
 (reported apart). Absolute times on a shared machine are noisy; the ratios are the result.
@@ -40,10 +40,10 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 import mini_unlearn_jax as mu
-from mini_unlearn_jax import certificate as cert
-from mini_unlearn_jax import methods as M
-from mini_unlearn_jax import metrics as mt
-from mini_unlearn_jax.snapshots import nbytes
+from mini_unlearn_jax.core import certificate as cert
+from mini_unlearn_jax.core import methods as M
+from mini_unlearn_jax.core.snapshots import nbytes
+from mini_unlearn_jax.evaluation import metrics as mt
 
 T0 = time.perf_counter()
 L2 = 1e-3

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import mini_unlearn_jax as mu
-from mini_unlearn_jax import methods as M
-from mini_unlearn_jax.snapshots import nbytes
+from mini_unlearn_jax.core import methods as M
+from mini_unlearn_jax.core.snapshots import nbytes
 
 
 def log(msg):

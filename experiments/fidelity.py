@@ -193,13 +193,13 @@ def train_model(name: str, args) -> Trained:
     import jax
     import jax.numpy as jnp
 
-    from mini_unlearn_jax import curvature as cv
-    from mini_unlearn_jax import methods as M
-    from mini_unlearn_jax.data import load_dataset
-    from mini_unlearn_jax.metrics import accuracy, predict_probs
-    from mini_unlearn_jax.models import build_model, init_params, make_objective
-    from mini_unlearn_jax.snapshots import nbytes
-    from mini_unlearn_jax.training import Trainer, default_config
+    from mini_unlearn_jax.app.data import load_dataset
+    from mini_unlearn_jax.core import linalg as cv
+    from mini_unlearn_jax.core import methods as M
+    from mini_unlearn_jax.core.models import build_model, init_params, make_objective
+    from mini_unlearn_jax.core.snapshots import nbytes
+    from mini_unlearn_jax.core.training import Trainer, default_config
+    from mini_unlearn_jax.evaluation.metrics import accuracy, predict_probs
 
     if name == "logreg":
         spec = args.data if args.logreg_n_train is None else f"{args.data}:n_train={args.logreg_n_train}"
@@ -257,7 +257,7 @@ class Reference:
     """A reference (retrained) model of a cell and the original model it is compared with."""
 
     def __init__(self, tm: Trained, retrained, original, time_s: float, compile_s: float, name: str):
-        from mini_unlearn_jax import metrics as mt
+        from mini_unlearn_jax.evaluation import metrics as mt
 
         obj = tm.problem.objective
         self.name, self.params, self.original = name, retrained, original
@@ -287,7 +287,7 @@ def jsonable(d: dict) -> dict:
 
 def evaluate(tm: Trained, method: str, res, ref: Reference, forget: np.ndarray, ratio: float,
              memory_bytes: int) -> dict:
-    from mini_unlearn_jax import metrics as mt
+    from mini_unlearn_jax.evaluation import metrics as mt
 
     obj, ds = tm.problem.objective, tm.ds
     x, y = tm.problem.x, np.asarray(tm.problem.y)
@@ -323,8 +323,8 @@ def evaluate(tm: Trained, method: str, res, ref: Reference, forget: np.ndarray, 
 
 
 def run_cell(tm: Trained, ratio: float, methods: list, seed: int, emit) -> None:
-    from mini_unlearn_jax import methods as M
-    from mini_unlearn_jax.snapshots import nbytes
+    from mini_unlearn_jax.core import methods as M
+    from mini_unlearn_jax.core.snapshots import nbytes
 
     problem = tm.problem
     n = int(problem.x.shape[0])
@@ -637,10 +637,10 @@ def main(argv=None) -> int:
         log(f"keeping {len(rows)} rows of {len(runs)} earlier run(s) in {out} (--fresh discards them)")
     cmd = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
     # import the library now: this run uses the version present at its start
-    import mini_unlearn_jax.curvature  # noqa: F401
-    import mini_unlearn_jax.data  # noqa: F401
-    import mini_unlearn_jax.methods  # noqa: F401
-    import mini_unlearn_jax.metrics  # noqa: F401
+    import mini_unlearn_jax.app.data  # noqa: F401
+    import mini_unlearn_jax.core.linalg  # noqa: F401
+    import mini_unlearn_jax.core.methods  # noqa: F401
+    import mini_unlearn_jax.evaluation.metrics  # noqa: F401
 
     run = {"command": cmd, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "models": args.models, "ratios": args.ratios, "methods": [m[0] for m in args.methods], "seed": args.seed,

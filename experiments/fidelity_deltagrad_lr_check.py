@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from mini_unlearn_jax import deltagrad as dg
-from mini_unlearn_jax.data import load_dataset
-from mini_unlearn_jax.metrics import accuracy, predict_probs
-from mini_unlearn_jax.models import build_model, init_params, make_objective
+from mini_unlearn_jax.app.data import load_dataset
+from mini_unlearn_jax.core import deltagrad as dg
+from mini_unlearn_jax.core.models import build_model, init_params, make_objective
+from mini_unlearn_jax.evaluation.metrics import accuracy, predict_probs
 
 
 def main() -> None:

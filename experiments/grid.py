@@ -5,7 +5,7 @@
 
 import sys
 
-from mini_unlearn_jax.harness import main
+from mini_unlearn_jax.app.harness import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:] or ["experiments/grid.toml"]))

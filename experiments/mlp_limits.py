@@ -43,12 +43,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from mini_unlearn_jax import methods as M
-from mini_unlearn_jax import privacy as P
-from mini_unlearn_jax.data import load_dataset
-from mini_unlearn_jax.metrics import accuracy, mean_kl, predict_probs, rel_param_error
-from mini_unlearn_jax.models import build_model, init_params, make_objective
-from mini_unlearn_jax.training import TrainConfig, Trainer, default_config
+from mini_unlearn_jax.app.data import load_dataset
+from mini_unlearn_jax.core import methods as M
+from mini_unlearn_jax.core.models import build_model, init_params, make_objective
+from mini_unlearn_jax.core.training import TrainConfig, Trainer, default_config
+from mini_unlearn_jax.evaluation import privacy as P
+from mini_unlearn_jax.evaluation.metrics import accuracy, mean_kl, predict_probs, rel_param_error
 
 T_START = time.perf_counter()
 

@@ -14,12 +14,20 @@ accuracy, forget / held-out loss, KL to the retrained model, loss-attack and LiR
 
     python experiments/mlp_unroll_probe.py 0.1          # removal ratio
 """
-import numpy as np, jax, jax.numpy as jnp, sys, time
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 import mini_unlearn_jax as mu
-from mini_unlearn_jax import methods as M, privacy as P
-from mini_unlearn_jax.metrics import accuracy, predict_probs, mean_kl
-from mini_unlearn_jax.training import TrainConfig, Trainer
-from mini_unlearn_jax.mini import removed_grad_sum, pad_request
+from mini_unlearn_jax.core import methods as M
+from mini_unlearn_jax.core.mini import pad_request, removed_grad_sum
+from mini_unlearn_jax.core.training import TrainConfig, Trainer
+from mini_unlearn_jax.evaluation import privacy as P
+from mini_unlearn_jax.evaluation.metrics import accuracy, mean_kl, predict_probs
+
 ratio = float(sys.argv[1]) if len(sys.argv) > 1 else 0.1
 K = 8
 ds = mu.load_dataset("fashion_mnist:n_train=2000")

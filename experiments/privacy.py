@@ -33,13 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mini_unlearn_jax import attacks as A
-from mini_unlearn_jax import methods as M
-from mini_unlearn_jax import privacy as P
-from mini_unlearn_jax.data import load_dataset
-from mini_unlearn_jax.metrics import accuracy, predict_probs
-from mini_unlearn_jax.models import build_model, init_params, make_objective
-from mini_unlearn_jax.training import TrainConfig, Trainer
+from mini_unlearn_jax.app.data import load_dataset
+from mini_unlearn_jax.core import methods as M
+from mini_unlearn_jax.core.models import build_model, init_params, make_objective
+from mini_unlearn_jax.core.training import TrainConfig, Trainer
+from mini_unlearn_jax.evaluation import attacks as A
+from mini_unlearn_jax.evaluation import privacy as P
+from mini_unlearn_jax.evaluation.metrics import accuracy, predict_probs
 
 METHODS = ("mini", "mini-lite", "mini-plus", "newton", "finetune", "neggrad")
 ATTACKS = ("loss", "lira_online")

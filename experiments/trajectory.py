@@ -40,13 +40,13 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats as sps
 
-from mini_unlearn_jax import methods as M
-from mini_unlearn_jax import privacy as P
-from mini_unlearn_jax import trajectory as TJ
-from mini_unlearn_jax.data import load_dataset
-from mini_unlearn_jax.metrics import accuracy, predict_probs
-from mini_unlearn_jax.models import build_model, init_params, make_objective
-from mini_unlearn_jax.training import TrainConfig
+from mini_unlearn_jax.app.data import load_dataset
+from mini_unlearn_jax.core import methods as M
+from mini_unlearn_jax.core import trajectory as TJ
+from mini_unlearn_jax.core.models import build_model, init_params, make_objective
+from mini_unlearn_jax.core.training import TrainConfig
+from mini_unlearn_jax.evaluation import privacy as P
+from mini_unlearn_jax.evaluation.metrics import accuracy, predict_probs
 
 T0 = time.perf_counter()
 # knobs of the baselines, chosen on seed 0 at 10 % by the rule in the table's notes

@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import mini_unlearn_jax as mu  # noqa: E402
-from mini_unlearn_jax.mini import removed_grad_sum  # noqa: E402
+from mini_unlearn_jax.core.mini import removed_grad_sum  # noqa: E402
 
 with open(inp, "rb") as f:
     d = pickle.load(f)

@@ -1,4 +1,4 @@
-"""Tests for mini_unlearn_jax.attacks: ROC metrics, threshold / learned attacks, LiRA, forget score."""
+"""Tests for mini_unlearn_jax.evaluation.attacks: ROC metrics, threshold / learned attacks, LiRA, forget score."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
-from mini_unlearn_jax import attacks as A
-from mini_unlearn_jax.data import synthetic
-from mini_unlearn_jax.models import LogisticRegression, make_objective
+from mini_unlearn_jax.app.data import synthetic
+from mini_unlearn_jax.core.models import LogisticRegression, make_objective
+from mini_unlearn_jax.evaluation import attacks as A
 
 # -- ROC metrics -----------------------------------------------------------------------------
 

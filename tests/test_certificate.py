@@ -12,11 +12,11 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from mini_unlearn_jax import certificate as C
-from mini_unlearn_jax import curvature as cv
-from mini_unlearn_jax import methods as M
-from mini_unlearn_jax.data import synthetic
-from mini_unlearn_jax.models import (
+from mini_unlearn_jax.app.data import synthetic
+from mini_unlearn_jax.core import certificate as C
+from mini_unlearn_jax.core import linalg as cv
+from mini_unlearn_jax.core import methods as M
+from mini_unlearn_jax.core.models import (
     LogisticRegression,
     all_params_mask,
     build_model,
@@ -24,7 +24,7 @@ from mini_unlearn_jax.models import (
     make_objective,
     squared_error,
 )
-from mini_unlearn_jax.training import TrainConfig, Trainer
+from mini_unlearn_jax.core.training import TrainConfig, Trainer
 
 
 def _flat64(params) -> np.ndarray:

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mini_unlearn_jax import methods as M
-from mini_unlearn_jax.checkpoint import is_run, load_run
-from mini_unlearn_jax.cli import main
+from mini_unlearn_jax.app.checkpoint import is_run, load_run
+from mini_unlearn_jax.app.cli import main
+from mini_unlearn_jax.core import methods as M
 
 SPEC = "synthetic:n=300,n_test=100,d=6,classes=3,seed=3"
 

@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from mini_unlearn_jax import cli
-from mini_unlearn_jax.cli import main
+from mini_unlearn_jax.app import cli
+from mini_unlearn_jax.app.cli import main
 
 SPEC = "synthetic:n=300,n_test=100,d=6,classes=3,seed=5"
 
@@ -87,7 +87,7 @@ def test_help_shows_defaults_and_version():
 
 
 def test_cheap_checks_come_before_loading(run_dir, tmp_path, capsys, monkeypatch):
-    from mini_unlearn_jax import checkpoint, data
+    from mini_unlearn_jax.app import checkpoint, data
 
     def boom(*a, **k):
         raise AssertionError("loaded before the arguments were checked")

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import mini_unlearn_jax as mu
-from mini_unlearn_jax.data import synthetic
+from mini_unlearn_jax.app.data import synthetic
 
 
 def _trained():

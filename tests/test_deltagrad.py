@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from mini_unlearn_jax.data import synthetic
-from mini_unlearn_jax.deltagrad import (
+from mini_unlearn_jax.app.data import synthetic
+from mini_unlearn_jax.core.deltagrad import (
+    MIN_SIGMA,
     DeltaGradConfig,
     batch_indices,
     cache_nbytes,
     deltagrad_unlearn,
-    lbfgs_hvp,
     retrain,
     train_with_cache,
 )
-from mini_unlearn_jax.models import build_model, init_params, make_objective
-from mini_unlearn_jax.training import TrainConfig, Trainer
+from mini_unlearn_jax.core.linalg import lbfgs_product
+from mini_unlearn_jax.core.models import build_model, init_params, make_objective
+from mini_unlearn_jax.core.training import TrainConfig, Trainer
 
 N = 300
 
@@ -122,7 +125,7 @@ def test_lbfgs_hvp_matches_dense_bfgs(m, dim, seed):
     assert np.all(np.einsum("ij,ij->i", S, Y) > 0)
     v = rng.normal(size=dim)
     expected = _dense_bfgs(S, Y) @ v
-    hvp = jax.jit(lbfgs_hvp)
+    hvp = jax.jit(functools.partial(lbfgs_product, scale="sy/ss", min_scale=MIN_SIGMA))
     got = np.asarray(hvp(jnp.asarray(S, jnp.float32), jnp.asarray(Y, jnp.float32),
                          jnp.asarray(v, jnp.float32)))
     np.testing.assert_allclose(got, expected, rtol=2e-4, atol=2e-4 * np.abs(expected).max())
@@ -140,7 +143,8 @@ def test_lbfgs_hvp_is_jittable_and_secant():
     rng = np.random.default_rng(7)
     S = rng.normal(size=(2, 5)).astype(np.float32)
     Y = (S * np.linspace(0.5, 2.0, 5)).astype(np.float32)
-    out = jax.jit(lbfgs_hvp)(S, Y, S[-1], jnp.ones(2, bool))
+    dg_product = functools.partial(lbfgs_product, scale="sy/ss", min_scale=MIN_SIGMA)
+    out = jax.jit(dg_product)(S, Y, S[-1], jnp.ones(2, bool))
     np.testing.assert_allclose(np.asarray(out), Y[-1], rtol=1e-4, atol=1e-5)
 
 

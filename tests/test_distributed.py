@@ -19,7 +19,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 import mini_unlearn_jax as mu
-from mini_unlearn_jax.mini import removed_grad_sum
+from mini_unlearn_jax.core.mini import removed_grad_sum
 
 WORKER = Path(__file__).with_name("_distributed_worker.py")
 TIMEOUT_S = 180  # hard limit for both processes together; the test never hangs

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from mini_unlearn_jax.harness import GridConfig, load_rows, run_grid, write_reports
+from mini_unlearn_jax.app.harness import GridConfig, load_rows, run_grid, write_reports
 
 TOML = """
 out = "{out}"

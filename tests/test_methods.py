@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from mini_unlearn_jax import curvature as cv
-from mini_unlearn_jax import deltagrad as dg
-from mini_unlearn_jax import methods as M
-from mini_unlearn_jax.data import synthetic
-from mini_unlearn_jax.metrics import rel_param_error
-from mini_unlearn_jax.models import build_model, init_params, make_objective
-from mini_unlearn_jax.training import TrainConfig, Trainer
+from mini_unlearn_jax.app.data import synthetic
+from mini_unlearn_jax.core import deltagrad as dg
+from mini_unlearn_jax.core import linalg as cv
+from mini_unlearn_jax.core import methods as M
+from mini_unlearn_jax.core.models import build_model, init_params, make_objective
+from mini_unlearn_jax.core.training import TrainConfig, Trainer
+from mini_unlearn_jax.evaluation.metrics import rel_param_error
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Output safety (issue 12): nothing the tool did not write is ever deleted or replaced.
 
 Unit tests on the checkpoint helpers (markers, checks, the atomic exchange) and end-to-end
-tests through ``mini_unlearn_jax.cli.main``.
+tests through ``mini_unlearn_jax.app.cli.main``.
 """
 
 import errno
@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mini_unlearn_jax import checkpoint as ck
-from mini_unlearn_jax.checkpoint import OutputExistsError, load_run
-from mini_unlearn_jax.cli import main
+from mini_unlearn_jax.app import checkpoint as ck
+from mini_unlearn_jax.app.checkpoint import OutputExistsError, load_run
+from mini_unlearn_jax.app.cli import main
 
 SPEC = "synthetic:n=200,n_test=60,d=5,classes=3,seed=1"
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux-only")

@@ -1,4 +1,4 @@
-"""Tests for mini_unlearn_jax.privacy: default MIA, full suite, report block and `attack` CLI."""
+"""Tests for mini_unlearn_jax.evaluation.privacy: default MIA, full suite, report block and `attack` CLI."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mini_unlearn_jax import privacy as P
-from mini_unlearn_jax.cli import UsageError
-from mini_unlearn_jax.cli import main as cli_main
-from mini_unlearn_jax.data import synthetic
-from mini_unlearn_jax.models import build_model, init_params, make_objective
-from mini_unlearn_jax.training import TrainConfig, Trainer
+from mini_unlearn_jax.app import cli
+from mini_unlearn_jax.app.cli import UsageError
+from mini_unlearn_jax.app.cli import main as cli_main
+from mini_unlearn_jax.app.data import synthetic
+from mini_unlearn_jax.core.models import build_model, init_params, make_objective
+from mini_unlearn_jax.core.training import TrainConfig, Trainer
+from mini_unlearn_jax.evaluation import privacy as P
 
 METRIC_KEYS = {"auc", "advantage", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "n_members", "n_nonmembers"}
 N_FORGET = 60
@@ -129,7 +130,7 @@ def test_mia_for_report(leaky):
 def _attack_args(argv):
     parser = argparse.ArgumentParser(prog="mini-unlearn")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    P.add_attack_parser(sub)
+    cli.add_attack_parser(sub)
     return parser.parse_args(["attack", *argv])
 
 
@@ -148,8 +149,8 @@ def test_cmd_attack_end_to_end(runs):
     out = root / "attack"
     args = _attack_args(["--run", str(run), "--unlearned", str(unl), "--shadows", "4", "--shadow-steps", "30",
                          "--seed", "1", "--out", str(out)])
-    assert args.func is P.cmd_attack
-    assert P.cmd_attack(args) == 0
+    assert args.func is cli.cmd_attack
+    assert cli.cmd_attack(args) == 0
     assert (out / "roc.png").stat().st_size > 0
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == "mini" and report["n_forget"] == 60 and report["n_train"] == 300
@@ -175,7 +176,7 @@ def test_cmd_attack_refuses_existing_out_dir(runs):
     (out / "keep.txt").write_text("mine")
     args = _attack_args(["--run", str(run), "--unlearned", str(unl), "--out", str(out)])
     with pytest.raises(UsageError, match="already exists and is not empty"):
-        P.cmd_attack(args)
+        cli.cmd_attack(args)
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
 
 
@@ -183,5 +184,5 @@ def test_cmd_attack_rejects_a_trained_run_as_unlearned(runs):
     root, run, _ = runs
     args = _attack_args(["--run", str(run), "--unlearned", str(run), "--out", str(root / "nope")])
     with pytest.raises(UsageError, match="not an unlearned run"):
-        P.cmd_attack(args)
+        cli.cmd_attack(args)
     assert not (root / "nope").exists()

@@ -3,12 +3,12 @@
 import jax.numpy as jnp
 import numpy as np
 
-from mini_unlearn_jax import methods as M
-from mini_unlearn_jax.checkpoint import load_run
-from mini_unlearn_jax.cli import main
-from mini_unlearn_jax.data import load_dataset
-from mini_unlearn_jax.metrics import mean_kl, predict_probs, rel_param_error
-from mini_unlearn_jax.models import init_params
+from mini_unlearn_jax.app.checkpoint import load_run
+from mini_unlearn_jax.app.cli import main
+from mini_unlearn_jax.app.data import load_dataset
+from mini_unlearn_jax.core import methods as M
+from mini_unlearn_jax.core.models import init_params
+from mini_unlearn_jax.evaluation.metrics import mean_kl, predict_probs, rel_param_error
 
 SPEC = "synthetic:n=500,n_test=300,d=8,classes=3,seed=11,sep=1.0"
 
@@ -50,9 +50,9 @@ def test_refresh_keeps_one_objective_in_the_buffer():
     only the newest entry is retaken."""
     import jax
 
-    from mini_unlearn_jax import curvature as cv
-    from mini_unlearn_jax.models import build_model, make_objective
-    from mini_unlearn_jax.training import TrainConfig, Trainer
+    from mini_unlearn_jax.core import linalg as cv
+    from mini_unlearn_jax.core.models import build_model, make_objective
+    from mini_unlearn_jax.core.training import TrainConfig, Trainer
 
     ds = load_dataset("synthetic:n=200,n_test=50,d=5,classes=3,seed=4")
     x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)

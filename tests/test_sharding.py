@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent("""
         outs[name] = np.asarray(ravel_pytree(r.params)[0])
     np.testing.assert_allclose(outs["sharded"], outs["single"], rtol=1e-5, atol=1e-6)
     # the sharded program really spreads the removed examples' chunks over the 8 devices
-    from mini_unlearn_jax.mini import removed_grad_sum
+    from mini_unlearn_jax.core.mini import removed_grad_sum
     from jax.sharding import NamedSharding, PartitionSpec as P
     xr = jax.device_put(jnp.asarray(ds.x_train[:128]), NamedSharding(mesh, P("data")))
     f = jax.jit(lambda p, x: removed_grad_sum(obj, p, x, jnp.asarray(ds.y_train[:128]), jnp.ones(128), 64, mesh))
@@ -35,7 +35,7 @@ SCRIPT = textwrap.dedent("""
     g1 = removed_grad_sum(obj, st.params, jnp.asarray(ds.x_train[:128]), jnp.asarray(ds.y_train[:128]), jnp.ones(128), 64)
     np.testing.assert_allclose(ravel_pytree(f(st.params, xr))[0], ravel_pytree(g1)[0], rtol=1e-5, atol=1e-6)
     # LiRA shadow models: the shadow axis sharded over the mesh gives the same models
-    from mini_unlearn_jax import attacks as A
+    from mini_unlearn_jax.evaluation import attacks as A
     init = lambda k: jax.tree.map(lambda a: a + 0.01 * jax.random.normal(k, a.shape), p0)
     kw = dict(num_shadows=8, steps=20, lr=0.05)
     s1 = A.train_shadow_models(obj, init, ds.x_train[:200], ds.y_train[:200], jax.random.key(3), **kw)

@@ -13,19 +13,19 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from mini_unlearn_jax import curvature as cv
-from mini_unlearn_jax import methods as M
-from mini_unlearn_jax import mini as ul
-from mini_unlearn_jax.data import synthetic
-from mini_unlearn_jax.metrics import rel_param_error
-from mini_unlearn_jax.models import (
+from mini_unlearn_jax.app.data import synthetic
+from mini_unlearn_jax.core import linalg as cv
+from mini_unlearn_jax.core import methods as M
+from mini_unlearn_jax.core import mini as ul
+from mini_unlearn_jax.core.models import (
     Objective,
     build_model,
     cross_entropy,
     init_params,
     make_objective,
 )
-from mini_unlearn_jax.training import TrainConfig, Trainer, default_config
+from mini_unlearn_jax.core.training import TrainConfig, Trainer, default_config
+from mini_unlearn_jax.evaluation.metrics import rel_param_error
 
 flat = lambda t: np.asarray(ravel_pytree(t)[0])
 
@@ -342,7 +342,7 @@ def test_float32_parameters_stay_float32_under_x64(logreg):
 
 
 def test_default_refinement_passes_depend_on_the_curvature_path():
-    from mini_unlearn_jax.mini import DEFAULT_REFINE_PASSES
+    from mini_unlearn_jax.core.mini import DEFAULT_REFINE_PASSES
 
     assert ul.MiniConfig().refine_passes is None
     assert DEFAULT_REFINE_PASSES["ekfac"] > DEFAULT_REFINE_PASSES["lbfgs"] == DEFAULT_REFINE_PASSES["exact"]

@@ -5,10 +5,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
 
-from mini_unlearn_jax.data import synthetic
-from mini_unlearn_jax.models import build_model, init_params, make_objective
-from mini_unlearn_jax.snapshots import nbytes, ordered, snapshot_buffer
-from mini_unlearn_jax.training import TrainConfig, Trainer
+from mini_unlearn_jax.app.data import synthetic
+from mini_unlearn_jax.core.models import build_model, init_params, make_objective
+from mini_unlearn_jax.core.snapshots import nbytes, ordered, snapshot_buffer
+from mini_unlearn_jax.core.training import TrainConfig, Trainer
 
 
 @settings(max_examples=25, deadline=None)

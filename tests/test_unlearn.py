@@ -8,14 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
 
-from mini_unlearn_jax import curvature as cv
-from mini_unlearn_jax import methods as M
-from mini_unlearn_jax import mini as ul
-from mini_unlearn_jax.data import synthetic
-from mini_unlearn_jax.metrics import mean_kl, predict_probs, rel_param_error
-from mini_unlearn_jax.models import Objective, build_model, init_params, make_objective
-from mini_unlearn_jax.snapshots import snapshot_buffer
-from mini_unlearn_jax.training import TrainConfig, Trainer, default_config
+from mini_unlearn_jax.app.data import synthetic
+from mini_unlearn_jax.core import linalg as cv
+from mini_unlearn_jax.core import methods as M
+from mini_unlearn_jax.core import mini as ul
+from mini_unlearn_jax.core.models import Objective, build_model, init_params, make_objective
+from mini_unlearn_jax.core.snapshots import snapshot_buffer
+from mini_unlearn_jax.core.training import TrainConfig, Trainer, default_config
+from mini_unlearn_jax.evaluation.metrics import mean_kl, predict_probs, rel_param_error
 
 # -- a strongly convex quadratic: ridge regression with an unpenalized bias ---------------
 

@@ -18,11 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from . import aot
 from .models import Objective
 from .snapshots import SnapshotBuffer, SnapshotState, snapshot_buffer
 
 Params = Any
-_COMPILED: dict = {}  # ahead-of-time compiled training programs, see Trainer._call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +89,23 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.sgd(cfg.learning_rate)
 
 
-def tree_norm(t) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(t)))
+def batch_indices(step, n: int, batch_size: int | None, seed: int) -> tuple[jax.Array, jax.Array]:
+    """The mini-batch schedule of every recipe: indices ``[B]`` (clipped to ``n - 1``) and the
+    real-slot mask ``[B]`` of batch ``step``.
+
+    An epoch-wise permutation of ``n`` from ``fold_in(key(seed), epoch)``, padded to whole batches;
+    padding slots are not real. ``batch_size=None`` is the full batch. DeltaGrad's replay and the
+    trajectory method read the same schedule.
+    """
+    if batch_size is None:
+        return jnp.arange(n), jnp.ones((n,), bool)
+    per_epoch = -(-n // batch_size)
+    epoch, b = step // per_epoch, step % per_epoch
+    perm = jax.random.permutation(jax.random.fold_in(jax.random.key(seed), epoch), n)
+    pad = per_epoch * batch_size - n
+    perm = jnp.concatenate([perm, jnp.full((pad,), n, perm.dtype)])  # n marks a padding slot
+    idx = jax.lax.dynamic_slice(perm, (b * batch_size,), (batch_size,))
+    return jnp.minimum(idx, n - 1), idx < n
 
 
 class Trainer:
@@ -110,15 +125,10 @@ class Trainer:
         """Run ``fn`` through an ahead-of-time compiled executable, timing compilation apart.
 
         Executables are shared by every Trainer of the same (objective, recipe) in the process."""
-        key = (self.objective, self.cfg, name, tuple(sorted(static.items())), jax.tree.structure(args),
-               tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(args) if hasattr(a, "shape")))
-        if key not in _COMPILED:
-            t0 = time.perf_counter()
-            if len(_COMPILED) > 256:
-                _COMPILED.clear()
-            _COMPILED[key] = fn.lower(*args, **static).compile()
-            self.compile_s += time.perf_counter() - t0
-        return _COMPILED[key](*args)
+        key = (self.objective, self.cfg, name, tuple(sorted(static.items())), aot.signature(args))
+        exe, seconds = aot.compiled(key, lambda: fn.lower(*args, **static))
+        self.compile_s += seconds
+        return exe(*args)
 
     # -- pure pieces -----------------------------------------------------------------------
     def full_data_grad(self, params, x, y, weights):
@@ -147,7 +157,7 @@ class Trainer:
                 updates, opt_state = self.opt.update(grad, state.opt_state, state.params)
             data_grad = jax.tree.map(jnp.subtract, grad, obj.penalty_grad(state.params))
             snaps = self.buffer.update(state.snapshots, state.step, state.params, data_grad)
-            gnorm = tree_norm(grad).astype(state.grad_norm.dtype)
+            gnorm = optax.tree.norm(grad).astype(state.grad_norm.dtype)
         else:
             bidx, bw = self._batch(state.step, weights)
             fn = lambda p: obj.data_loss(p, x[bidx], y[bidx], bw) + obj.penalty(p)
@@ -171,20 +181,12 @@ class Trainer:
         g = self.full_data_grad(state.params, x, y, weights)
         snaps = self.buffer.update(state.snapshots, state.step, state.params, g, force=True)
         full = jax.tree.map(jnp.add, g, self.objective.penalty_grad(state.params))
-        return state._replace(snapshots=snaps, grad_norm=tree_norm(full).astype(state.grad_norm.dtype))
+        return state._replace(snapshots=snaps, grad_norm=optax.tree.norm(full).astype(state.grad_norm.dtype))
 
     def _batch(self, step, weights):
-        """Indices and weights of mini-batch ``step``: epoch-wise permutation from the seed."""
-        n = weights.shape[0]
-        bs = self.cfg.batch_size
-        per_epoch = -(-n // bs)
-        epoch, b = step // per_epoch, step % per_epoch
-        perm = jax.random.permutation(jax.random.fold_in(jax.random.key(self.cfg.seed), epoch), n)
-        pad = per_epoch * bs - n
-        perm = jnp.concatenate([perm, jnp.full((pad,), n, perm.dtype)])  # n = padding slot
-        idx = jax.lax.dynamic_slice(perm, (b * bs,), (bs,))
-        w = jnp.where(idx < n, jnp.concatenate([weights, jnp.zeros((1,), weights.dtype)])[idx], 0.0)
-        return jnp.minimum(idx, n - 1), w
+        """Indices and weights of mini-batch ``step`` (:func:`batch_indices`)."""
+        idx, real = batch_indices(step, weights.shape[0], self.cfg.batch_size, self.cfg.seed)
+        return idx, jnp.where(real, weights[idx], 0.0)
 
     def _chunk(self, state: TrainState, x, y, weights, length: int) -> TrainState:
         def body(s, _):

@@ -18,7 +18,7 @@ schedule with the removed examples dropped:
   exact gradients at ``v_t`` are subtracted:
   ``g~ = [b (g_t + lam w_t + B s) - (sum_{i in R_t} grad l_i(v_t) + r_t lam v_t)] / (b - r_t)``.
 
-The batch schedule is the one of :meth:`mini_unlearn_jax.training.Trainer._batch`
+The batch schedule is :func:`mini_unlearn_jax.core.training.batch_indices`, the one of ``Trainer``
 (epoch-wise permutation from ``fold_in(key(seed), epoch)``, last batch padded), and a
 batch's loss is the mean over its kept examples, so :func:`retrain` with a removal mask
 runs exactly the recipe that ``Trainer`` with ``optimizer="sgd"`` runs.
@@ -38,7 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from .linalg import lbfgs_product
 from .models import Objective
+from .training import batch_indices
 
 Params = Any
 Array = jax.Array
@@ -109,70 +111,6 @@ class DeltaGradInfo(NamedTuple):
 def cache_nbytes(cache: DeltaGradCache) -> int:
     """Bytes held by the cache (``2 * T * dim`` numbers)."""
     return int(cache.params.nbytes + cache.grads.nbytes)
-
-
-# -- batch schedule --------------------------------------------------------------------------
-
-
-def batch_indices(step: Array, n: int, batch_size: int | None, seed: int) -> tuple[Array, Array]:
-    """Indices ``[B]`` (clipped to ``n - 1``) and real-slot mask ``[B]`` of batch ``step``.
-
-    Same scheme as ``Trainer._batch``: an epoch-wise permutation of ``n`` from
-    ``fold_in(key(seed), epoch)``, padded to whole batches; padding slots are not real.
-    """
-    if batch_size is None:
-        return jnp.arange(n), jnp.ones((n,), bool)
-    per_epoch = -(-n // batch_size)
-    epoch, b = step // per_epoch, step % per_epoch
-    perm = jax.random.permutation(jax.random.fold_in(jax.random.key(seed), epoch), n)
-    pad = per_epoch * batch_size - n
-    perm = jnp.concatenate([perm, jnp.full((pad,), n, perm.dtype)])
-    idx = jax.lax.dynamic_slice(perm, (b * batch_size,), (batch_size,))
-    return jnp.minimum(idx, n - 1), idx < n
-
-
-# -- compact L-BFGS ----------------------------------------------------------------------------
-
-
-def lbfgs_hvp(S: Array, Y: Array, v: Array, valid: Array | None = None, *, min_sigma: float = MIN_SIGMA) -> Array:
-    """``B v`` for the compact L-BFGS matrix of the pairs ``(S[i], Y[i])``, oldest first.
-
-    ``B = sigma I - [Y, sigma S] M^{-1} [Y, sigma S]^T`` with
-    ``M = [[-D, L^T], [L, sigma S S^T]]``, ``D = diag(s_i^T y_i)``, ``L`` the strictly lower
-    triangle of ``(s_i^T y_j)_{ij}`` (Byrd, Nocedal and Schnabel 1994), which equals ``m``
-    recursive BFGS updates of ``sigma I``. ``sigma = y^T s / s^T s`` of the newest valid
-    pair, floored at ``min_sigma`` (the authors' choice). With no valid pair, ``B = I``.
-
-    Args:
-      S, Y: ``[m, dim]`` pairs, oldest first.
-      v: ``[dim]`` vector.
-      valid: ``[m]`` bool mask; invalid rows are ignored.
-      min_sigma: floor of ``sigma``.
-
-    Returns:
-      ``[dim]`` product ``B v``.
-    """
-    m = S.shape[0]
-    valid = jnp.ones((m,), bool) if valid is None else valid
-    vm = valid.astype(S.dtype)
-    S = S * vm[:, None]
-    Y = Y * vm[:, None]
-    SY = S @ Y.T
-    SS = S @ S.T
-    last = m - 1 - jnp.argmax(valid[::-1])
-    any_valid = jnp.any(valid)
-    ss_last = jnp.where(any_valid, SS[last, last], 1.0)
-    sigma = jnp.where(any_valid, jnp.maximum(SY[last, last] / ss_last, min_sigma), 1.0)
-    D = jnp.diag(jnp.diag(SY))
-    L = jnp.tril(SY, -1)
-    M = jnp.block([[-D, L.T], [L, sigma * SS]])
-    # An invalid pair has zero rows/columns in M; a unit diagonal there keeps M invertible
-    # and, since its entries of the right-hand side are zero, leaves the product unchanged.
-    inval = jnp.concatenate([~valid, ~valid]).astype(S.dtype)
-    M = M + jnp.diag(inval)
-    p = jnp.concatenate([Y @ v, sigma * (S @ v)])
-    q = jnp.linalg.solve(M, p)
-    return sigma * v - (Y.T @ q[:m] + sigma * (S.T @ q[m:]))
 
 
 # -- training ----------------------------------------------------------------------------------
@@ -290,7 +228,7 @@ def _replay(objective: Objective, cfg: DeltaGradConfig, cache: DeltaGradCache, p
             return g_keep + pen(v), S2, Y2, valid2, ~store
 
         def approx(_):
-            batch_est = g_t + pen(w_t) + lbfgs_hvp(S, Y, s, valid)
+            batch_est = g_t + pen(w_t) + lbfgs_product(S, Y, s, valid, scale="sy/ss", min_scale=MIN_SIGMA)
             pv = pen(v)
             g = (b * batch_est - (g_rem_sum + r * pv)) / jnp.maximum(bk, 1.0)
             # A batch left empty contributes no data term (Trainer's convention).

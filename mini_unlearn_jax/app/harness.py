@@ -36,13 +36,13 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from . import curvature as cv
-from . import methods as M
-from . import metrics as mt
+from ..core import linalg as cv
+from ..core import methods as M
+from ..core.models import build_model, init_params, make_objective
+from ..core.snapshots import nbytes
+from ..core.training import Trainer, default_config
+from ..evaluation import metrics as mt
 from .data import DataError, load_dataset
-from .models import build_model, init_params, make_objective
-from .snapshots import nbytes
-from .training import Trainer, default_config
 
 METRICS = ("test_acc", "forget_acc", "rel_param_error", "kl_test", "kl_ratio", "agreement_test", "time_ratio",
            "time_s", "compile_s", "mia_auc", "memory_bytes")
@@ -152,7 +152,7 @@ def _evaluate(tr: _Trained, method: str, out, ref, original, forget, mia: bool) 
         "memory_bytes": int(out.info.get("cache_bytes", tr.memory if method.startswith("mini") else 0)),
     }
     if mia:
-        from .privacy import default_mia
+        from ..evaluation.privacy import default_mia
 
         res = default_mia(obj, {"u": out.params, "r": ref.params}, np.asarray(pb.x)[forget], np.asarray(pb.y)[forget],
                           ds.x_test, ds.y_test)

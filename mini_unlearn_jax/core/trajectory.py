@@ -10,7 +10,7 @@ that trajectory in a compact buffer and unlearns by going back along it:
    a fixed ``K``. A fixed-shape pytree filled by pure ``init / update`` functions that a training
    step threads through ``jax.lax.scan`` (optionally with the optimizer state at each snapshot).
    :func:`train_with_trajectory` trains with the project's recipe (the same program as
-   :class:`~mini_unlearn_jax.training.Trainer`, bit for bit) and fills it.
+   :class:`~mini_unlearn_jax.core.training.Trainer`, bit for bit) and fills it.
 2. **The method** (:func:`trajectory_unlearn`, :func:`run_trajectory`):
 
    - *rewind*: for every snapshot ``w_t`` the memorisation gap ``m_t`` = mean true-class
@@ -36,7 +36,7 @@ that trajectory in a compact buffer and unlearns by going back along it:
    number of steps), :func:`run_finetune` (the recipe from ``w*``), :func:`run_scrub` (Kurmanji et
    al. 2023) and :func:`run_salun` (Fan et al. 2024), compact re-implementations.
 
-Every ``run_*`` function returns :class:`~mini_unlearn_jax.methods.MethodOutput` with the run
+Every ``run_*`` function returns :class:`~mini_unlearn_jax.core.methods.MethodOutput` with the run
 time of an ahead-of-time compiled program and the compile time apart.
 """
 
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -53,7 +52,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from .aot import aot, finite, timed
 from .models import Objective
+from .problem import MethodOutput, keep_mask
 from .training import TrainConfig, Trainer, TrainState
 
 Params = Any
@@ -390,60 +391,24 @@ def forget_sample(forget, n: int, max_eval: int, seed: int = 0) -> tuple[np.ndar
 # =============================================================================
 
 
-_COMPILED: dict = {}
-
-
-def _aot(fn_jit, static: tuple, dyn: tuple):
-    """Compile ``fn_jit(*static, *dyn)`` ahead of time (its static arguments come first), cached by
-    the static values and argument shapes; returns (compiled, compile seconds or 0 when cached)."""
-    sig = tuple((np.shape(a), str(getattr(a, "dtype", type(a)))) for a in jax.tree.leaves(dyn))
-    key = (fn_jit, static, jax.tree.structure(dyn), sig)
-    if key in _COMPILED:
-        return _COMPILED[key], 0.0
-    t0 = time.perf_counter()
-    c = fn_jit.lower(*static, *dyn).compile()
-    if len(_COMPILED) > 128:
-        _COMPILED.clear()
-    _COMPILED[key] = c
-    return c, time.perf_counter() - t0
-
-
-def _timed(compiled, dyn):
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(compiled(*dyn))
-    return out, time.perf_counter() - t0
-
-
-def _finite(params) -> bool:
-    return bool(all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(params)))
-
-
-def _keep(n: int, forget) -> jax.Array:
-    keep = np.ones(n, np.float32)
-    keep[np.asarray(forget)] = 0.0
-    return jnp.asarray(keep)
-
-
 def run_trajectory(problem, forget, *, trajectory: TrajectoryState, x_val, y_val, profile=None,
                    config: TrajectoryConfig = TrajectoryConfig()):
-    """Trajectory unlearning of ``forget`` on a :class:`~mini_unlearn_jax.methods.Problem`.
+    """Trajectory unlearning of ``forget`` on a :class:`~mini_unlearn_jax.core.methods.Problem`.
 
     Needs, besides the problem (objective, mini-batch recipe, ``w*``, training set), the
     trajectory buffer of :func:`train_with_trajectory`, its :func:`memorisation_profile` (computed
     once after training; None: the rule looks at the forget set only) and a labelled held-out
     set. A non-finite result is reported as not converged and ``w*`` is returned.
     """
-    from .methods import MethodOutput
-
     n = int(problem.x.shape[0])
     cfg = problem.train_config
     fidx, fmask = forget_sample(forget, n, config.max_eval, config.seed)
     K = int(trajectory.steps.shape[0])
     prof = jnp.full((K,), -jnp.inf, jnp.float32) if profile is None else jnp.asarray(profile, jnp.float32)
-    dyn = (trajectory, prof, problem.params, problem.x, problem.y, _keep(n, forget), jnp.asarray(fidx),
+    dyn = (trajectory, prof, problem.params, problem.x, problem.y, jnp.asarray(keep_mask(n, forget)), jnp.asarray(fidx),
            jnp.asarray(fmask), jnp.asarray(x_val), jnp.asarray(y_val))
-    compiled, c = _aot(trajectory_unlearn, (problem.objective, cfg, config), dyn)
-    res, t = _timed(compiled, dyn)
+    compiled, c = aot(trajectory_unlearn, (problem.objective, cfg, config), dyn)
+    res, t = timed(compiled, *dyn)
     ok = bool(res.finite)
     info = {"rewind_step": int(res.rewind_step), "rewind_index": int(res.rewind_index),
             "gaps": [float(v) for v in np.asarray(res.gaps)], "tau": float(res.tau), "steps": res.steps,
@@ -459,15 +424,13 @@ def _plain(objective: Objective, steps: int, batch_size: int, lr: float, params,
 
 
 def _run_plain(problem, forget, start, steps: int, label: str, seed: int = 0):
-    from .methods import MethodOutput
-
     cfg = problem.train_config
     n = int(problem.x.shape[0])
-    dyn = (start, problem.x, problem.y, _keep(n, forget), jax.random.key(seed + 1))
+    dyn = (start, problem.x, problem.y, jnp.asarray(keep_mask(n, forget)), jax.random.key(seed + 1))
     static = (problem.objective, int(steps), cfg.batch_size, float(cfg.learning_rate))
-    compiled, c = _aot(_plain, static, dyn)
-    out, t = _timed(compiled, dyn)
-    ok = _finite(out)
+    compiled, c = aot(_plain, static, dyn)
+    out, t = timed(compiled, *dyn)
+    ok = finite(out)
     return MethodOutput(out if ok else problem.params, ok, f"{label}: {steps} steps" if ok else f"{label} diverged",
                         t, c, {"steps": int(steps)})
 
@@ -527,15 +490,13 @@ def _scrub(objective: Objective, steps: int, max_steps: int, batch_size: int, lr
 def run_scrub(problem, forget, *, steps: int, max_steps: int, lr: float, gamma: float = 1.0, seed: int = 0):
     """SCRUB, compact: ``steps`` min-steps (each ~1 recipe step) of which the first ``max_steps``
     are preceded by a max-step on a forget batch."""
-    from .methods import MethodOutput
-
     cfg = problem.train_config
     n = int(problem.x.shape[0])
-    dyn = (problem.params, problem.x, problem.y, _keep(n, forget), jax.random.key(seed + 2))
+    dyn = (problem.params, problem.x, problem.y, jnp.asarray(keep_mask(n, forget)), jax.random.key(seed + 2))
     static = (problem.objective, int(steps), int(max_steps), cfg.batch_size, float(lr), float(gamma))
-    compiled, c = _aot(_scrub, static, dyn)
-    out, t = _timed(compiled, dyn)
-    ok = _finite(out)
+    compiled, c = aot(_scrub, static, dyn)
+    out, t = timed(compiled, *dyn)
+    ok = finite(out)
     return MethodOutput(out if ok else problem.params, ok, "scrub" if ok else "SCRUB diverged", t, c,
                         {"steps": steps, "max_steps": max_steps, "lr": lr, "gamma": gamma})
 
@@ -579,15 +540,13 @@ def _salun(objective: Objective, steps: int, batch_size: int, lr: float, sparsit
 
 def run_salun(problem, forget, *, steps: int, lr: float, sparsity: float = 0.5, seed: int = 0):
     """SalUn, compact: random-label fine-tuning restricted to the salient half of the weights."""
-    from .methods import MethodOutput
-
     cfg = problem.train_config
     n = int(problem.x.shape[0])
     num_classes = int(problem.objective.apply_fn(problem.params, problem.x[:1]).shape[-1])
-    dyn = (problem.params, problem.x, problem.y, _keep(n, forget), jax.random.key(seed + 3))
+    dyn = (problem.params, problem.x, problem.y, jnp.asarray(keep_mask(n, forget)), jax.random.key(seed + 3))
     static = (problem.objective, int(steps), cfg.batch_size, float(lr), float(sparsity), num_classes)
-    compiled, c = _aot(_salun, static, dyn)
-    out, t = _timed(compiled, dyn)
-    ok = _finite(out)
+    compiled, c = aot(_salun, static, dyn)
+    out, t = timed(compiled, *dyn)
+    ok = finite(out)
     return MethodOutput(out if ok else problem.params, ok, "salun" if ok else "SalUn diverged", t, c,
                         {"steps": steps, "lr": lr, "sparsity": sparsity})

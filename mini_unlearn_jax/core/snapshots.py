@@ -7,6 +7,21 @@ threaded through the training loop next to the optimizer state. Its memory is
 Selection policy: a ring buffer over the steps ``t`` with ``t % every == 0`` (and any step
 written with ``force=True``, which the trainer uses for the final parameters), keeping
 the newest ``K``. Slot order is by write count; :func:`ordered` returns oldest to newest.
+
+The contract, for a training loop of your own (what the solver assumes):
+
+1. The gradient stored with ``w_t`` is that of the *data term* over the *whole training set*
+   (the weighted mean loss, no L2 penalty): ``jax.grad(objective.data_loss)(w_t, x, y)``.
+   :func:`data_grad_fn` builds it. Passing the full objective's gradient (with L2) silently
+   degrades the result (the penalty would be counted twice).
+2. Pass that gradient as a *function* ``grad_fn(params)``: ``update`` calls it only on the
+   steps it records (inside ``lax.cond``), so a loop that calls ``update`` every step pays for
+   the full-data gradient ``K`` times, not ``T`` times. Passing arrays works too, but then you
+   compute them every step.
+3. Write the final parameters with ``force=True`` (the newest entry must be ``w*``; the
+   solver checks it and refuses a stale buffer).
+
+``update`` checks at trace time that the gradient has the parameters' tree structure and shapes.
 """
 
 from __future__ import annotations
@@ -51,22 +66,38 @@ def snapshot_buffer(size: int, every: int = 1) -> SnapshotBuffer:
             count=jnp.zeros((), jnp.int32),
         )
 
-    def update(state: SnapshotState, step, params: Params, grads: Params, force=False) -> SnapshotState:
+    def update(state: SnapshotState, step, params: Params, grads, force=False) -> SnapshotState:
+        """Record ``(step, params, grads)`` when ``step % every == 0`` or ``force``.
+
+        ``grads``: the data term's full-data gradient at ``params`` as a pytree, or a function
+        ``grads(params)`` that is evaluated only when the snapshot is taken (the cheap use)."""
         take = jnp.logical_or(jnp.asarray(step) % every == 0, force)
 
         def write(s: SnapshotState) -> SnapshotState:
+            g = grads(params) if callable(grads) else grads
+            if jax.tree.structure(g) != jax.tree.structure(params) or any(
+                    jnp.shape(a) != jnp.shape(b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(params), strict=True)):
+                raise ValueError("snapshot_buffer.update: the gradient must have the parameters' tree structure and "
+                                 f"shapes (got {jax.tree.structure(g)} for parameters {jax.tree.structure(params)}); "
+                                 "pass grad(objective.data_loss) at params, or data_grad_fn(objective, x, y)")
             slot = s.count % size
             put = lambda buf, v: buf.at[slot].set(v.astype(buf.dtype))
             return SnapshotState(
                 steps=s.steps.at[slot].set(jnp.asarray(step, jnp.int32)),
                 params=jax.tree.map(put, s.params, params),
-                grads=jax.tree.map(put, s.grads, grads),
+                grads=jax.tree.map(put, s.grads, g),
                 count=s.count + 1,
             )
 
         return jax.lax.cond(take, write, lambda s: s, state)
 
     return SnapshotBuffer(init, update)
+
+
+def data_grad_fn(objective, x, y, weights=None) -> Callable[[Params], Params]:
+    """``params -> grad of objective.data_loss over (x, y)``: the gradient the buffer stores
+    (data term only, whole training set; ``weights`` the 0/1 keep mask if any)."""
+    return lambda params: jax.grad(objective.data_loss)(params, x, y, weights)
 
 
 def ordered(state: SnapshotState) -> SnapshotState:

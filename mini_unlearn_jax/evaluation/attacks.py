@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .models import Objective
+from ..core.models import Objective
 
 Params = Any
 Array = jax.Array
@@ -308,7 +308,7 @@ def train_shadow_models(
     shadow's included examples. One compiled program trains all shadows at once.
 
     Args:
-      objective: the model and loss (see :class:`~mini_unlearn_jax.models.Objective`).
+      objective: the model and loss (see :class:`~mini_unlearn_jax.core.models.Objective`).
       init_params_fn: ``key -> params``; called once, under ``vmap``.
       x_pool, y_pool: the pool of ``n_pool`` candidate training examples.
       key: PRNG key for the masks, the inits and the mini-batches.

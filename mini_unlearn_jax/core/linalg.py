@@ -3,7 +3,7 @@
 - :func:`hvp`, :func:`ggn_vp`: exact Hessian- and Gauss-Newton-vector products (``jax.jvp``);
   :func:`frozen_softmax_loss`: the cross-entropy's Gauss-Newton model at fixed probabilities
   (products from probabilities computed once).
-- :func:`lbfgs_hessian_product`: the compact L-BFGS quasi-Hessian ``B v`` of Byrd, Nocedal and
+- :func:`lbfgs_product`: the compact L-BFGS quasi-Hessian ``B v`` of Byrd, Nocedal and
   Schnabel (1994) from secant pairs ``(s_j, y_j)``, as DeltaGrad uses.
 - :class:`EKFAC`: an eigenvalue-corrected Kronecker model of the multinomial logistic-regression
   Hessian ``H = (1/n) sum_i S_i (x) x_i x_i^T`` (``S_i = diag(p_i) - p_i p_i^T``, ``x_i`` with a bias
@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 Params = Any
 
@@ -44,32 +45,56 @@ def ggn_vp(objective, params: Params, x, y, weights, v: Params) -> Params:
 # -- compact L-BFGS -------------------------------------------------------------------------
 
 
-def lbfgs_hessian_product(S: jax.Array, Y: jax.Array, valid: jax.Array, v: jax.Array, gamma=None) -> jax.Array:
-    """Compact BFGS quasi-Hessian product ``B v`` from pairs in rows of ``S``, ``Y`` (oldest first).
+def lbfgs_product(S: jax.Array, Y: jax.Array, v: jax.Array, valid: jax.Array | None = None, *,
+                  scale: str = "yy/sy", min_scale: float = 0.0) -> jax.Array:
+    """``B v`` for the compact L-BFGS quasi-Hessian of the pairs ``(S[i], Y[i])``, oldest first.
 
-    ``B = g I - [g S^T, Y^T] M^{-1} [g S; Y]`` with ``M = [[g S S^T, L], [L^T, -D]]``, ``L`` the
-    strictly lower part of ``S Y^T`` and ``D`` its diagonal (Byrd, Nocedal & Schnabel 1994,
-    eq. 2.17), ``g = y^T y / s^T y`` of the newest valid pair unless given. Invalid rows
-    (``valid`` false) are ignored.
+    ``B = sigma I - [Y, sigma S] M^{-1} [Y, sigma S]^T`` with ``M = [[-D, L^T], [L, sigma S S^T]]``,
+    ``D = diag(s_i^T y_i)`` and ``L`` the strictly lower triangle of ``(s_i^T y_j)_{ij}`` (Byrd,
+    Nocedal and Schnabel 1994, eq. 2.17): ``m`` recursive BFGS updates of ``sigma I``.
 
     Args:
-      S, Y: ``[m, dim]``. valid: ``[m]`` bool. v: ``[dim]``.
+      S, Y: ``[m, dim]`` pairs, oldest first.
+      v: ``[dim]`` vector.
+      valid: ``[m]`` bool mask (default all); invalid rows are ignored.
+      scale: the initial scaling ``sigma`` from the newest valid pair: ``"yy/sy"``
+        (``y^T y / s^T y``, Nocedal and Wright's choice; Mini-Unlearning's secant model) or
+        ``"sy/ss"`` (``s^T y / s^T s``, DeltaGrad's authors' choice).
+      min_scale: floor of ``sigma`` (DeltaGrad's authors use ``1e-3``). With no valid pair ``B = I``.
     """
+    if scale not in ("yy/sy", "sy/ss"):
+        raise ValueError(f"scale must be 'yy/sy' or 'sy/ss', got {scale!r}")
     m = S.shape[0]
-    vf = valid.astype(S.dtype)
-    S = S * vf[:, None]
-    Y = Y * vf[:, None]
-    sy = jnp.sum(S * Y, axis=1)
-    if gamma is None:
-        last = jnp.max(jnp.where(valid, jnp.arange(m), -1))
-        gamma = jnp.where(last >= 0, jnp.sum(Y[last] ** 2) / jnp.maximum(sy[last], 1e-30), 1.0)
+    valid = jnp.ones((m,), bool) if valid is None else valid
+    vm = valid.astype(S.dtype)
+    S = S * vm[:, None]
+    Y = Y * vm[:, None]
     SY = S @ Y.T
+    SS = S @ S.T
+    last = m - 1 - jnp.argmax(valid[::-1])
+    any_valid = jnp.any(valid)
+    if scale == "sy/ss":
+        ratio = SY[last, last] / jnp.where(any_valid, SS[last, last], 1.0)
+    else:
+        ratio = jnp.sum(Y[last] ** 2) / jnp.maximum(SY[last, last], 1e-30)
+    sigma = jnp.where(any_valid, jnp.maximum(ratio, min_scale), 1.0)
+    D = jnp.diag(jnp.diag(SY))
     L = jnp.tril(SY, -1)
-    D = jnp.diag(jnp.where(valid, sy, 1.0))
-    M = jnp.block([[gamma * S @ S.T + jnp.diag(1.0 - vf), L], [L.T, -D]])
-    rhs = jnp.concatenate([gamma * S @ v, Y @ v])
-    sol = jnp.linalg.solve(M, rhs)
-    return gamma * v - (gamma * S.T @ sol[:m] + Y.T @ sol[m:])
+    M = jnp.block([[-D, L.T], [L, sigma * SS]])
+    # An invalid pair has zero rows/columns in M; a unit diagonal there keeps M invertible
+    # and, since its entries of the right-hand side are zero, leaves the product unchanged.
+    M = M + jnp.diag(jnp.concatenate([~valid, ~valid]).astype(S.dtype))
+    p = jnp.concatenate([Y @ v, sigma * (S @ v)])
+    q = jnp.linalg.solve(M, p)
+    return sigma * v - (Y.T @ q[:m] + sigma * (S.T @ q[m:]))
+
+
+def top_eigenvalue(matvec, v0: jax.Array, products: int) -> jax.Array:
+    """Largest eigenvalue of the symmetric PSD operator ``matvec`` by power iteration
+    (``optax.power_iteration``) with exactly ``products`` products (no early exit, so the cost is
+    known in advance), starting from ``v0``."""
+    eig, _ = optax.power_iteration(matvec, v0=v0, num_iters=products - 1, error_tolerance=0.0)
+    return eig
 
 
 def secant_pairs(snap_params: jax.Array, snap_grads: jax.Array, count) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -107,7 +132,7 @@ def with_bias(x: jax.Array) -> jax.Array:
 
 
 def logreg_matrix(params: Params) -> jax.Array:
-    """``[d+1, C]`` matrix ``[kernel; bias]`` of a :class:`~mini_unlearn_jax.models.LogisticRegression`."""
+    """``[d+1, C]`` matrix ``[kernel; bias]`` of a :class:`~mini_unlearn_jax.core.models.LogisticRegression`."""
     dense = params["Dense_0"]
     return jnp.concatenate([dense["kernel"], dense["bias"][None]], axis=0)
 

@@ -40,10 +40,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import curvature as cv
-from .models import Objective, build_model, init_params, make_objective
-from .snapshots import snapshot_buffer
-from .training import TrainConfig, make_optimizer
+from ..core import linalg as cv
+from ..core.models import Objective, build_model, init_params, make_objective
+from ..core.snapshots import snapshot_buffer
+from ..core.training import TrainConfig, make_optimizer
 
 FORMAT_VERSION = 1
 

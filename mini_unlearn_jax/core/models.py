@@ -13,7 +13,7 @@ for three or more classes, divided by ``n``.
 
 ``make_objective(model, l2, penalize_bias=True)`` penalizes every parameter: with a convex
 per-example loss on a linear model the objective is then ``l2``-strongly convex in all
-parameters, which is what makes the certificate of :mod:`mini_unlearn_jax.certificate` a bound.
+parameters, which is what makes the certificate of :mod:`mini_unlearn_jax.core.certificate` a bound.
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def make_objective(model: nn.Module, l2: float, *, example_loss=cross_entropy, l
       l2_mask: which leaves the L2 term penalizes (default: kernels only, biases free).
       penalize_bias: penalize every parameter, biases included (``l2_mask=all_params_mask``).
         With ``l2 > 0``, a linear model and a convex loss the objective is ``l2``-strongly convex
-        in all parameters, so :func:`mini_unlearn_jax.certificate.certify` gives a bound. The
+        in all parameters, so :func:`mini_unlearn_jax.core.certificate.certify` gives a bound. The
         softmax bias is then determined by the objective and is not re-centred.
     """
     if penalize_bias:

@@ -17,7 +17,7 @@ removed rows weighted 0) and returns that *bound* only when the objective qualif
 else gets ``is_bound=False`` and the same figure as an *estimate* (no theorem backs it).
 
 Conservative on purpose: an objective qualifies only if ``objective.kind == "logreg"`` (a single
-dense layer on the inputs, see :class:`~mini_unlearn_jax.models.Objective`), its loss is one of
+dense layer on the inputs, see :class:`~mini_unlearn_jax.core.models.Objective`), its loss is one of
 :data:`CONVEX_LOSSES` (softmax cross-entropy, squared error) by identity, ``l2 > 0`` and
 ``l2_mask`` selects every leaf (``make_objective(..., penalize_bias=True)``).
 
@@ -93,7 +93,7 @@ def qualifies(objective: Objective, params: Params) -> tuple[bool, str]:
                        "need not be convex")
     if not any(objective.example_loss is f for f in CONVEX_LOSSES):
         return False, ("the per-example loss is not one known to be convex (softmax cross-entropy or squared error "
-                       "from mini_unlearn_jax.models)")
+                       "from mini_unlearn_jax.core.models)")
     return True, "l2-strongly convex: l2 on every parameter, a linear model and a convex loss"
 
 
@@ -176,7 +176,7 @@ def certify(objective: Objective, params: Params, x, y, keep, *, chunk: int = 65
       params: the parameters to certify (e.g. an unlearned model).
       x, y: the full training set ``[n, ...]``, ``[n]``.
       keep: ``[n]`` 0/1 weights, 0 for the removed examples
-        (``mini_unlearn_jax.methods.keep_mask(n, forget)``).
+        (``mini_unlearn_jax.core.methods.keep_mask(n, forget)``).
       chunk: rows per step of the pass.
       precision: ``"float64"`` (the default; exact conversion of float32 inputs, negligible
         rounding, also without ``jax_enable_x64``; falls back to the native dtype on TPUs) or

@@ -17,11 +17,13 @@ are documented in the README ("What report.json holds").
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -51,13 +53,13 @@ class UsageError(Exception):
 def cmd_train(args) -> int:
     import jax
 
+    from ..core import linalg as cv
+    from ..core.models import build_model, init_params, make_objective
+    from ..core.snapshots import nbytes
+    from ..core.training import Trainer, default_config
+    from ..evaluation.metrics import accuracy, predict_probs
     from . import checkpoint as ck
-    from . import curvature as cv
     from .data import load_dataset
-    from .metrics import accuracy, predict_probs
-    from .models import build_model, init_params, make_objective
-    from .snapshots import nbytes
-    from .training import Trainer, default_config
 
     out = Path(args.out)
     ck.check_output_dir(out)  # a new or empty directory only: train never replaces anything
@@ -171,7 +173,7 @@ def check_ratio_args(args) -> None:
 
 
 def load_forget(args, n_original: int, removed: np.ndarray, from_file: np.ndarray | None) -> np.ndarray:
-    from .mini import validate_indices
+    from ..core.mini import validate_indices
 
     alive = np.setdiff1d(np.arange(n_original), removed)
     if args.ratio is not None:
@@ -195,9 +197,31 @@ def load_forget(args, n_original: int, removed: np.ndarray, from_file: np.ndarra
     return idx
 
 
+def load_problem(run):
+    """The dataset behind ``run`` (checked against its fingerprint), the indices still alive, the
+    remaining data and the :class:`Problem` (the run's objective, recipe and buffer) -- the load
+    step shared by ``unlearn`` and ``attack``."""
+    import jax.numpy as jnp
+
+    from ..core import methods as M
+    from ..core.models import init_params
+    from .data import load_dataset
+
+    meta = run.meta
+    ds = load_dataset(meta["data_spec"])
+    if ds.fingerprint() != meta["data_fingerprint"]:
+        raise UsageError(f"the data behind {meta['data_spec']!r} differs from what this run was trained on "
+                         "(fingerprint mismatch); restore the original data or retrain on the new data")
+    alive = np.setdiff1d(np.arange(ds.n_train), run.removed)
+    x, y = jnp.asarray(ds.x_train[alive]), jnp.asarray(ds.y_train[alive])
+    params0 = init_params(run.model, ds.x_train[0], run.train_config.seed)
+    problem = M.Problem(run.objective, run.train_config, params0, run.params, run.snapshots, run.stats, x, y)
+    return ds, alive, x, y, problem
+
+
 def cmd_unlearn(args) -> int:
+    from ..core import methods as M
     from . import checkpoint as ck
-    from . import methods as M
 
     # every check that needs neither the run nor the data comes first (loading takes seconds)
     if args.method not in M.METHODS:
@@ -214,29 +238,17 @@ def cmd_unlearn(args) -> int:
         ck.check_output_file(probs_file, overwrite=args.overwrite)
     ck.read_meta(run_dir)  # a missing or foreign run directory fails here, before anything heavy
 
-    import jax.numpy as jnp
-
-    from . import metrics as mt
-    from .data import load_dataset
-    from .models import init_params
-    from .snapshots import nbytes
+    from ..core.snapshots import nbytes
+    from ..evaluation import metrics as mt
 
     t_load = time.perf_counter()
     run = ck.load_run(run_dir)
     meta = run.meta
-    ds = load_dataset(meta["data_spec"])
-    if ds.fingerprint() != meta["data_fingerprint"]:
-        raise UsageError(f"the data behind {meta['data_spec']!r} differs from what {run_dir} was trained on "
-                         "(fingerprint mismatch); restore the original data or retrain on the new data")
+    ds, alive, x, y, problem = load_problem(run)
     n_original = ds.n_train
     forget = load_forget(args, n_original, run.removed, from_file)
-    alive = np.setdiff1d(np.arange(n_original), run.removed)
     local = np.searchsorted(alive, forget).astype(np.int32)
-    x = jnp.asarray(ds.x_train[alive])
-    y = jnp.asarray(ds.y_train[alive])
     n = int(alive.size)
-    params0 = init_params(run.model, ds.x_train[0], run.train_config.seed)
-    problem = M.Problem(run.objective, run.train_config, params0, run.params, run.snapshots, run.stats, x, y)
     load_s = time.perf_counter() - t_load
     log(f"{args.method}: removing {forget.size} of {n} examples ({forget.size / n:.1%})")
     res = M.run_method(args.method, problem, local)
@@ -268,7 +280,7 @@ def cmd_unlearn(args) -> int:
         nxt = M.refresh_for_next_request(problem, res.params, local)
         report["refresh_s"], report["refresh_compile_s"] = nxt.time_s, nxt.compile_s
     if args.certify and res.converged:
-        from .certificate import certify_removal
+        from ..core.certificate import certify_removal
 
         log("certificate: one exact pass over the remaining data ...")
         c = certify_removal(run.objective, res.params, x, y, local)
@@ -286,7 +298,7 @@ def cmd_unlearn(args) -> int:
             ref = M.run_method("retrain", problem, local, verbose=True)
         report["reference_wall_s"] = time.perf_counter() - t_ref
     if args.mia:
-        from .privacy import mia_for_report
+        from ..evaluation.privacy import mia_for_report
 
         log("membership inference (loss attack): forget set vs held-out test examples ...")
         report["mia"] = mia_for_report(problem, ds, local, res.params, ref.params, original, seed=args.seed)
@@ -357,6 +369,158 @@ def summary_line(r: dict, out: Path) -> str:
     return text + f"; command {r['wall_s']:.1f}s -> {out}"
 
 
+# -- attack ---------------------------------------------------------------------------------
+
+
+def add_attack_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``attack`` subcommand to an ``argparse`` subparsers object; returns its parser."""
+    a = subparsers.add_parser(
+        "attack", help="membership-inference attacks on an original, retrained and unlearned model",
+        description="Attack the original run, a model retrained without the forget set, and an unlearned run "
+                    "(from `mini-unlearn unlearn`) with threshold, learned and LiRA attacks; members are the "
+                    "forget set, non-members held-out test examples. Writes OUT/report.json and OUT/roc.png.")
+    a.add_argument("--run", required=True, help="the run the unlearned model was derived from")
+    a.add_argument("--unlearned", required=True, help="an output directory of `mini-unlearn unlearn`")
+    a.add_argument("--shadows", type=int, default=16, help="number of LiRA shadow models (default 16)")
+    a.add_argument("--shadow-steps", type=int, help="shadow training steps (default: the run's recipe)")
+    a.add_argument("--shadow-pool", choices=["all", "forget-heldout"], default="all",
+                   help="shadows train on random halves of the forget + held-out examples plus the retained "
+                        "training data ('all', default) or of the forget + held-out examples only")
+    a.add_argument("--seed", type=int, default=0, help="seed of the shadow models and of the member/non-member subsampling (default 0)")
+    a.add_argument("--out", required=True, help="new directory for report.json and roc.png")
+    a.set_defaults(func=cmd_attack)
+    return a
+
+
+MAX_EXTRA_POOL = 20000  # retained examples added to the shadow pool at most (subsampled beyond)
+
+
+def _write_dir_atomic(out: Path, report_text: str, curves: dict[str, tuple[Any, Any]], title: str) -> None:
+    """report.json and roc.png, written by the project's one atomic directory writer (marker kind "attack")."""
+    from ..evaluation import attacks as A
+    from . import checkpoint as ck
+
+    def fill(tmp: Path) -> None:
+        A.plot_roc(curves, tmp / "roc.png", title=title)
+        (tmp / "report.json").write_text(report_text)
+
+    try:
+        ck.write_dir_atomic(out, fill, kind="attack")  # never replaces anything (attack has no --overwrite)
+    except ck.OutputExistsError as e:
+        raise UsageError(str(e)) from e
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    """``mini-unlearn attack``: full MIA suite on original / retrained / unlearned; returns 0.
+
+    Raises ``cli.UsageError`` (or ``CheckpointError`` / ``DataError``) on bad input, before
+    anything is written.
+    """
+    from ..core import deltagrad as dg
+    from ..core import methods as M
+    from ..evaluation.privacy import (
+        PLOT_ATTACKS,
+        ShadowRecipe,
+        full_suite,
+        shadow_recipe,
+        summarize,
+    )
+    from . import checkpoint as ck
+
+    t_start = time.perf_counter()
+    out = Path(args.out)
+    try:
+        ck.check_output_dir(out)  # a new or empty directory only: attack results never replace anything
+    except ck.OutputExistsError as e:
+        raise UsageError(str(e)) from e
+    if args.shadows < 2:
+        raise UsageError(f"--shadows must be at least 2 (LiRA wants 16 or more), got {args.shadows}")
+    if args.shadow_steps is not None and args.shadow_steps < 1:
+        raise UsageError(f"--shadow-steps must be positive, got {args.shadow_steps}")
+    run_dir, unl_dir = Path(args.run).absolute(), Path(args.unlearned).absolute()
+    for d, what in ((run_dir, "--run"), (unl_dir, "--unlearned")):
+        if out.absolute() == d or d in out.absolute().parents:
+            raise UsageError(f"--out must not be the {what} directory or inside it")
+    run, unl = ck.load_run(run_dir), ck.load_run(unl_dir)
+    meta, umeta = run.meta, unl.meta
+    if umeta.get("kind") != "unlearned":
+        raise UsageError(f"{unl_dir} is not an unlearned run (kind {umeta.get('kind')!r}); give the --out of "
+                         "`mini-unlearn unlearn` as --unlearned")
+    for key in ("data_fingerprint", "model", "hidden", "l2", "num_classes"):
+        if meta.get(key) != umeta.get(key):
+            raise UsageError(f"{unl_dir} was not derived from {run_dir}: {key} differs "
+                             f"({umeta.get(key)!r} vs {meta.get(key)!r})")
+    if np.setdiff1d(run.removed, unl.removed).size:
+        raise UsageError(f"{run_dir} has removed examples that {unl_dir} still holds; it is not its ancestor")
+    forget = np.setdiff1d(unl.removed, run.removed).astype(np.int32)
+    if forget.size == 0:
+        raise UsageError(f"{unl_dir} removed nothing beyond {run_dir}: there is no forget set to attack")
+    report_path = unl_dir / "report.json"
+    ureport = json.loads(report_path.read_text()) if report_path.exists() else {}
+    method = ureport.get("method") or (umeta.get("ledger") or [{}])[-1].get("method", "unknown")
+    if ureport.get("run") and Path(ureport["run"]).absolute() != run_dir:
+        log(f"note: {unl_dir} was unlearned from {ureport['run']}; attacking the removals since {run_dir}")
+    ds, alive, x, y, problem = load_problem(run)
+    local = np.searchsorted(alive, forget).astype(np.int32)
+    cfg = run.train_config
+    params0 = problem.params0
+    original = run.params
+    if method == "deltagrad":
+        log("deltagrad: its reference is its own (S)GD recipe; training that recipe on all data and without "
+             "the forget set ...")
+        dg_options = (ureport.get("details") or {}).get("config") or {}
+        dcfg = M.deltagrad_config(problem, **{k: v for k, v in dg_options.items()
+                                              if k in ("lr", "steps", "batch_size", "seed", "m", "T0", "j0")})
+        original = dg.retrain(run.objective, dcfg, params0, x, y)
+        ref = M.deltagrad_retrain(problem, local, **dataclasses.asdict(dcfg))
+        reference = "deltagrad-retrain (its own (S)GD recipe without the forget set)"
+    else:
+        log(f"retraining on the remaining {alive.size - forget.size} examples for reference ...")
+        ref = M.run_method("retrain", problem, local)
+        reference = "retrain (the run's recipe without the forget set)"
+    if not ref.converged:
+        raise UsageError(f"the reference retraining failed: {ref.reason}")
+
+    keep = M.keep_mask(alive.size, local).astype(bool)
+    x_extra = y_extra = None
+    if args.shadow_pool == "all":
+        kept = np.flatnonzero(keep)
+        if kept.size > MAX_EXTRA_POOL:
+            kept = np.sort(np.random.default_rng(args.seed).choice(kept, MAX_EXTRA_POOL, replace=False))
+        x_extra, y_extra = x[kept], y[kept]
+    if method == "deltagrad":  # the three targets all come from DeltaGrad's (S)GD recipe
+        recipe = ShadowRecipe(int(args.shadow_steps or dcfg.steps), float(dcfg.lr), dcfg.batch_size, "sgd")
+    else:
+        recipe = shadow_recipe(cfg, args.shadow_steps)
+    log(f"attacking with {args.shadows} shadow models ({recipe.optimizer_name}, {recipe.steps} steps, "
+         f"{'full batch' if recipe.batch_size is None else f'batch {recipe.batch_size}'}) ...")
+
+    def init_fn(key):
+        return run.model.init(key, x[:1])["params"]
+
+    params_by_name = {"original": original, "retrain": ref.params, "unlearned": unl.params}
+    suite, curves = full_suite(run.objective, params_by_name, x[local], y[local], ds.x_test, ds.y_test,
+                               init_params_fn=init_fn, recipe=recipe, num_shadows=args.shadows,
+                               x_extra=x_extra, y_extra=y_extra, seed=args.seed)
+    summary = summarize(suite)
+    report = {
+        "run": str(run_dir), "unlearned": str(unl_dir), "method": method, "data_spec": meta["data_spec"],
+        "n_train": int(alive.size), "n_forget": int(forget.size), "ratio": float(forget.size / alive.size),
+        "reference": reference, "seed": args.seed, "shadow_pool": args.shadow_pool,
+        "members": "forget set", "nonmembers": "test examples (subsampled to the forget set's size)",
+        "summary_auc": summary, **suite, "time_s": time.perf_counter() - t_start,
+    }
+    plot = {f"{name} / {att}": curves[name][att] for name in params_by_name for att in PLOT_ATTACKS}
+    text = json.dumps(report, indent=2, default=float)
+    _write_dir_atomic(out, text, plot, title=f"MIA on the forget set: {method}")
+    for att, row in summary.items():
+        log(f"{att:12s} AUC original {row['original']:.3f}  retrain {row['retrain']:.3f}  "
+             f"unlearned {row['unlearned']:.3f}  (gap to retrain {row['unlearned_gap_to_retrain']:+.3f})")
+    log(f"report.json and roc.png written to {out}")
+    print(json.dumps({"summary_auc": summary, "out": str(out)}, indent=2, default=float))
+    return 0
+
+
 # -- info -----------------------------------------------------------------------------------
 
 
@@ -391,8 +555,8 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from .methods import METHODS
+    from .. import __version__
+    from ..core.methods import METHODS
 
     p = argparse.ArgumentParser(prog="mini-unlearn", description="Train, unlearn and evaluate (Mini-Unlearning in JAX).",
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=_Formatter)
@@ -435,8 +599,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "retrained optimum where the objective is strongly convex in every parameter "
                         "(train --penalize-bias), else an estimate; its time counts in time_ratio")
     u.add_argument("--json", action="store_true", help="print the whole report.json instead of one summary line")
-    from .privacy import add_attack_parser
-
     add_attack_parser(sub)
     i = sub.add_parser("info", help="print a run's metadata and deletion ledger", formatter_class=_Formatter)
     i.add_argument("run", help="run directory")
@@ -456,8 +618,6 @@ def main(argv=None) -> int:
         if args.cmd in ("train", "unlearn", "attack"):
             cache = enable_compilation_cache()
             args.compile_cache_dir = str(cache) if cache is not None else None
-        from .privacy import cmd_attack
-
         return {"train": cmd_train, "unlearn": cmd_unlearn, "info": cmd_info, "attack": cmd_attack}[args.cmd](args)
     except (UsageError, DataError, CheckpointError, FileExistsError, ValueError) as e:
         print(f"mini-unlearn {args.cmd}: error: {e}", file=sys.stderr)

@@ -1,18 +1,24 @@
-"""Every unlearning method behind one interface: ``run_method(name, problem, forget, **options)``.
+"""Every unlearning method behind one interface: ``run_method(name, problem, forget, **options)``,
+and the registry that lists them.
 
-Methods: ``mini`` (the default Mini-Unlearning configuration), ``mini-lite`` (no pass over the
-remaining data), ``mini-plus`` (more refinement), ``retrain`` (ground truth), ``newton``
+A method is one :func:`register_method` call; the CLI's ``--method`` help and check, the grid
+harness and the experiments read the registry, so a registered method is usable everywhere at
+once. Built in: ``mini`` (the default Mini-Unlearning configuration), ``mini-lite`` (no pass over
+the remaining data), ``mini-plus`` (more refinement), ``retrain`` (ground truth), ``newton``
 (Newton-CG with exact Hessian-vector products), ``finetune``, ``neggrad`` and ``deltagrad``.
 
 Each returns a :class:`MethodOutput` whose ``time_s`` excludes compilation (reported apart in
-``compile_s``): jitted methods are compiled ahead of time, then the compiled program is timed.
+``compile_s``): jitted methods are compiled ahead of time (:mod:`.aot`), then the compiled
+program is timed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import time
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -21,10 +27,12 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from . import curvature as cv
 from . import deltagrad as dg
+from . import linalg as cv
 from . import mini as ul
+from .aot import aot, finite, timed
 from .models import Objective
+from .problem import MethodOutput, Problem, keep_mask
 from .training import TrainConfig, Trainer
 
 Params = Any
@@ -34,74 +42,126 @@ MINI_VARIANTS = {
     "mini-lite": ul.MiniConfig(refine_passes=0),
     "mini-plus": ul.MiniConfig(refine_passes=25),  # 24 CG steps (the default makes 12)
 }
-METHODS = tuple(MINI_VARIANTS) + ("retrain", "newton", "finetune", "neggrad", "deltagrad")
 
 
-@dataclasses.dataclass
-class Problem:
-    """A trained model and the data it was trained on.
+# -- the registry ---------------------------------------------------------------------------
+
+
+class Method(NamedTuple):
+    """One registered method.
 
     Attributes:
-      objective: the training objective.
-      train_config: the recipe that trained ``params`` (retraining reuses it).
-      params0: the initial parameters of that recipe.
-      params: the trained parameters ``w*``.
-      snapshots: the snapshot buffer from training (newest entry at ``w*``).
-      stats: curvature statistics saved at training time (EKFAC for logreg) or None.
-      x, y: the training set.
+      name: what ``run_method`` and ``--method`` take.
+      run: ``run(problem, forget, **options) -> MethodOutput``; ``forget`` arrives validated
+        (unique in-range integer indices).
+      summary: one line for the CLI's help.
+      needs: ``needs(problem) -> str | None``: why the method does not apply to ``problem``
+        (None: it applies). ``run_method`` refuses with that reason instead of failing inside.
+      reference: the method is ground truth (``retrain``), which the harness compares against.
     """
 
-    objective: Objective
-    train_config: TrainConfig
-    params0: Params
-    params: Params
-    snapshots: Any
-    stats: cv.EKFAC | None
-    x: jax.Array
-    y: jax.Array
+    name: str
+    run: Callable[..., MethodOutput]
+    summary: str
+    needs: Callable[[Problem], str | None] | None = None
+    reference: bool = False
 
 
-class MethodOutput(NamedTuple):
-    params: Params
-    converged: bool
-    reason: str
-    time_s: float
-    compile_s: float
-    info: dict
+_REGISTRY: dict[str, Method] = {}
+_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
 
 
-def keep_mask(n: int, forget: np.ndarray) -> np.ndarray:
-    keep = np.ones(n, np.float32)
-    keep[forget] = 0.0
-    return keep
+def register_method(name: str, run: Callable[..., MethodOutput] | None = None, *, summary: str,
+                    needs: Callable[[Problem], str | None] | None = None, reference: bool = False,
+                    replace: bool = False):
+    """Register ``run`` as method ``name`` (usable as a decorator when ``run`` is omitted).
+
+    ``run(problem, forget, **options)`` returns a :class:`MethodOutput`. Registering a taken name
+    raises unless ``replace=True``. Returns ``run``.
+    """
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"method name {name!r}: use lower-case letters, digits, '-' and '_', starting with a letter")
+    if not summary or not isinstance(summary, str):
+        raise ValueError(f"method {name!r}: give a one-line summary (it is the CLI's help for the method)")
+
+    def add(fn):
+        if not callable(fn):
+            raise TypeError(f"method {name!r}: run must be callable as run(problem, forget, **options)")
+        if name in _REGISTRY and not replace:
+            raise ValueError(f"method {name!r} is already registered; pass replace=True to replace it")
+        _REGISTRY[name] = Method(name, fn, summary, needs, reference)
+        return fn
+
+    return add if run is None else add(run)
 
 
-_COMPILED: dict = {}
+def unregister_method(name: str) -> None:
+    """Remove a registered method (for plugins and tests)."""
+    get_method(name)
+    del _REGISTRY[name]
 
 
-def _aot(fn_jit, static_args: tuple, dyn_args: tuple, static_kw: dict | None = None):
-    """Compile ``fn_jit`` ahead of time (once per static arguments and argument shapes); return
-    (callable on dyn_args, compile seconds -- 0 when the program was already compiled)."""
-    sig = tuple((np.shape(a), str(getattr(a, "dtype", type(a)))) for a in jax.tree.leaves(dyn_args))
-    key = (fn_jit, static_args, tuple(sorted((static_kw or {}).items())), jax.tree.structure(dyn_args), sig)
-    if key in _COMPILED:
-        return _COMPILED[key], 0.0
-    t0 = time.perf_counter()
-    compiled = fn_jit.lower(*static_args, *dyn_args, **(static_kw or {})).compile()
-    if len(_COMPILED) > 256:
-        _COMPILED.clear()
-    _COMPILED[key] = compiled
-    return compiled, time.perf_counter() - t0
+def get_method(name: str) -> Method:
+    """The registered :class:`Method` called ``name``; ValueError naming the choices otherwise."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown method {name!r}: choose one of {', '.join(_REGISTRY)}") from None
 
 
-def _time(compiled, *args):
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(compiled(*args))
-    return out, time.perf_counter() - t0
+def applicable(name: str, problem: Problem) -> str | None:
+    """Why method ``name`` does not apply to ``problem``, or None when it does."""
+    m = get_method(name)
+    return m.needs(problem) if m.needs is not None else None
 
 
-def _finite(params) -> bool:
-    return bool(all(jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(params)))
+class _Names(Sequence):
+    """The registered method names, in registration order (a live view of the registry)."""
+
+    def __getitem__(self, i):
+        return tuple(_REGISTRY)[i]
+
+    def __len__(self):
+        return len(_REGISTRY)
+
+    def __contains__(self, name):
+        return name in _REGISTRY
+
+    def __repr__(self):
+        return repr(tuple(_REGISTRY))
+
+
+METHODS: Sequence[str] = _Names()
+
+
+def describe() -> str:
+    """``name: summary`` of every registered method, one per line (the CLI's help)."""
+    return "\n".join(f"{m.name}: {m.summary}" for m in _REGISTRY.values())
+
+
+def run_method(name: str, problem: Problem, forget, **options) -> MethodOutput:
+    """Run method ``name`` on ``problem`` removing training indices ``forget``."""
+    method = get_method(name)
+    why = method.needs(problem) if method.needs is not None else None
+    if why:
+        raise ValueError(f"method {name!r} does not apply to this problem: {why}")
+    forget = ul.validate_indices(forget, int(problem.x.shape[0]))
+    return method.run(problem, forget, **options)
+
+
+def _needs_recipe(what: str):
+    def needs(problem: Problem) -> str | None:
+        if problem.recipe is None:
+            return (f"it {what}, so it needs Problem.train_config to be a TrainConfig; this problem's "
+                    f"recipe is a function (use retrain, mini, newton or neggrad, or give a TrainConfig)")
+        return None
+    return needs
+
+
+def _needs_snapshots(problem: Problem) -> str | None:
+    if problem.snapshots is None:
+        return "it reads the snapshot buffer, and Problem.snapshots is None (thread a snapshot_buffer through training)"
+    return None
 
 
 # -- Mini-Unlearning ----------------------------------------------------------------------
@@ -113,8 +173,8 @@ def run_mini(problem: Problem, forget, config: ul.MiniConfig) -> MethodOutput:
     kind = ul._resolve_curvature(problem.objective, config, problem.stats)
     dyn = (problem.params, problem.snapshots.params, problem.snapshots.grads, problem.snapshots.count,
            problem.stats, problem.x, problem.y, jnp.asarray(idx), jnp.asarray(mask))
-    compiled, compile_s = _aot(ul._solve_jit, (problem.objective, config, kind), dyn)
-    res, t = _time(compiled, *dyn)
+    compiled, compile_s = aot(ul._solve_jit, (problem.objective, config, kind), dyn)
+    res, t = timed(compiled, *dyn)
     info = {
         "curvature": res.curvature(),
         "status": res.status_name(),
@@ -135,13 +195,24 @@ def run_mini(problem: Problem, forget, config: ul.MiniConfig) -> MethodOutput:
 
 
 def run_retrain(problem: Problem, forget, verbose: bool = False) -> MethodOutput:
+    """Retrain from ``params0`` on the remaining data with the problem's recipe.
+
+    With a :class:`TrainConfig`, compilation is timed apart; with a recipe function (your own
+    loop) the whole call is timed, its compilation included (``info['compile_included']``)."""
     n = int(problem.x.shape[0])
+    keep = keep_mask(n, forget)
+    if problem.recipe is None:
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(problem.train_config(problem.params0, problem.x, problem.y, jnp.asarray(keep)))
+        ok = finite(out)
+        return MethodOutput(out, ok, "converged" if ok else "retraining diverged", time.perf_counter() - t0, 0.0,
+                            {"compile_included": True})
     trainer = Trainer(problem.objective, problem.train_config)
     t0 = time.perf_counter()
-    state = trainer.fit(problem.params0, problem.x, problem.y, keep_mask(n, forget), verbose=verbose, label="retrain")
+    state = trainer.fit(problem.params0, problem.x, problem.y, keep, verbose=verbose, label="retrain")
     jax.block_until_ready(state.params)
     wall = time.perf_counter() - t0
-    ok = _finite(state.params)
+    ok = finite(state.params)
     return MethodOutput(state.params, ok, "converged" if ok else "retraining diverged", wall - trainer.compile_s,
                         trainer.compile_s, {"steps": int(state.step), "grad_norm": float(state.grad_norm)})
 
@@ -175,9 +246,9 @@ def _objective_rose(problem: Problem, forget, start, result, factor: float = 1.0
 def run_newton(problem: Problem, forget, iters: int = 100) -> MethodOutput:
     keep = jnp.asarray(keep_mask(int(problem.x.shape[0]), forget))
     dyn = (problem.params, problem.x, problem.y, keep)
-    compiled, c = _aot(_newton, (problem.objective, iters), dyn)
-    out, t = _time(compiled, *dyn)
-    ok = _finite(out)
+    compiled, c = aot(_newton, (problem.objective, iters), dyn)
+    out, t = timed(compiled, *dyn)
+    ok = finite(out)
     reason = "converged" if ok else "Newton step produced NaN/inf"
     if ok:
         rose, before, after = _objective_rose(problem, forget, problem.params, out)
@@ -203,9 +274,9 @@ def run_finetune(problem: Problem, forget, steps: int | None = None) -> MethodOu
         steps = 10 if cfg.batch_size is None else max(1, int(problem.x.shape[0]) // cfg.batch_size)
     keep = jnp.asarray(keep_mask(int(problem.x.shape[0]), forget))
     dyn = (problem.params, problem.x, problem.y, keep)
-    compiled, c = _aot(_finetune, (problem.objective, cfg, steps), dyn)
-    out, t = _time(compiled, *dyn)
-    ok = _finite(out)
+    compiled, c = aot(_finetune, (problem.objective, cfg, steps), dyn)
+    out, t = timed(compiled, *dyn)
+    ok = finite(out)
     return MethodOutput(out if ok else problem.params, ok, "converged" if ok else "fine-tuning diverged", t, c, {"steps": steps})
 
 
@@ -226,9 +297,9 @@ def _neggrad(objective: Objective, steps: int, lr: float, params, xr, yr):
 def run_neggrad(problem: Problem, forget, steps: int = 5, lr: float = 0.05) -> MethodOutput:
     forget = np.asarray(forget)
     dyn = (problem.params, problem.x[forget], problem.y[forget])
-    compiled, c = _aot(_neggrad, (problem.objective, steps, lr), dyn)
-    out, t = _time(compiled, *dyn)
-    ok = _finite(out)
+    compiled, c = aot(_neggrad, (problem.objective, steps, lr), dyn)
+    out, t = timed(compiled, *dyn)
+    ok = finite(out)
     return MethodOutput(out if ok else problem.params, ok, "converged" if ok else "gradient ascent diverged",
                         t, c, {"steps": steps, "lr": lr})
 
@@ -243,11 +314,9 @@ def stable_lr(problem: Problem, iters: int = 20) -> float:
     w0, unravel = ravel_pytree(problem.params)
     ones = jnp.ones((problem.x.shape[0],), w0.dtype)
     mv = jax.jit(lambda v: ravel_pytree(cv.ggn_vp(obj, problem.params, problem.x, problem.y, ones, unravel(v)))[0])
-    v = jax.random.normal(jax.random.key(0), w0.shape, w0.dtype)
-    for _ in range(iters):
-        v = mv(v)
-        v = v / jnp.linalg.norm(v)
-    L = float(jnp.vdot(v, mv(v))) + obj.l2
+    v0 = jax.random.normal(jax.random.key(0), w0.shape, w0.dtype)
+    lmax = float(jax.jit(lambda v: cv.top_eigenvalue(mv, v, iters + 1))(v0))
+    L = lmax + obj.l2
     return float(min(1.0, 1.0 / max(L, 1e-6)))
 
 
@@ -284,7 +353,7 @@ def run_deltagrad(problem: Problem, forget, **options) -> MethodOutput:
     out, info = dg.deltagrad_unlearn(problem.objective, cfg, cache, problem.params0, problem.x, problem.y, remove)
     jax.block_until_ready(out)
     t = time.perf_counter() - t0
-    ok = info.finite and _finite(out)
+    ok = info.finite and finite(out)
     reason = "converged" if ok else "DeltaGrad's replay diverged (NaN/inf)"
     if ok:
         # a replay that blew up without overflowing: the remaining-data objective must not rise
@@ -305,9 +374,9 @@ def deltagrad_retrain(problem: Problem, forget, **options) -> MethodOutput:
     cfg = deltagrad_config(problem, **options)
     keep = jnp.asarray(keep_mask(int(problem.x.shape[0]), forget))
     dyn = (problem.params0, problem.x, problem.y, keep)
-    compiled, c = _aot(dg._train, (problem.objective, cfg), dyn, {"record": False})
-    (out, _), t = _time(compiled, *dyn)
-    return MethodOutput(out, _finite(out), "converged", t, c, {})
+    compiled, c = aot(dg._train, (problem.objective, cfg), dyn, {"record": False})
+    (out, _), t = timed(compiled, *dyn)
+    return MethodOutput(out, finite(out), "converged", t, c, {})
 
 
 # -- sequential requests --------------------------------------------------------------------
@@ -345,8 +414,8 @@ def refresh_for_next_request(problem: Problem, params, forget) -> Refresh:
     # models solved on the EKFAC path read only the newest entry; the others pair entries (L-BFGS)
     regrad = problem.stats is None
     dyn = (problem.snapshots, params, x, y)
-    compiled, c = _aot(_refresh, (problem.objective, cfg.snapshots, cfg.snapshot_every, regrad), dyn)
-    (snaps, stats), t = _time(compiled, *dyn)
+    compiled, c = aot(_refresh, (problem.objective, cfg.snapshots, cfg.snapshot_every, regrad), dyn)
+    (snaps, stats), t = timed(compiled, *dyn)
     return Refresh(dataclasses.replace(problem, params=params, snapshots=snaps, stats=stats, x=x, y=y), t, c)
 
 
@@ -360,27 +429,27 @@ def after_removal(problem: Problem, params, forget) -> Problem:
     return refresh_for_next_request(problem, params, forget).problem
 
 
-# -- dispatch -------------------------------------------------------------------------------
+# -- the built-in methods -------------------------------------------------------------------
 
 
-def run_method(name: str, problem: Problem, forget, **options) -> MethodOutput:
-    """Run method ``name`` on ``problem`` removing training indices ``forget``."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}")
-    forget = ul.validate_indices(forget, int(problem.x.shape[0]))
-    if name in MINI_VARIANTS:
+def _mini_variant(name: str):
+    def run(problem: Problem, forget, **options) -> MethodOutput:
         cfg = MINI_VARIANTS[name]
-        if options:
-            cfg = dataclasses.replace(cfg, **options)
-        return run_mini(problem, forget, cfg)
-    if name == "retrain":
-        return run_retrain(problem, forget, **options)
-    if name == "newton":
-        return run_newton(problem, forget, **options)
-    if name == "finetune":
-        return run_finetune(problem, forget, **options)
-    if name == "neggrad":
-        return run_neggrad(problem, forget, **options)
-    if name == "deltagrad":
-        return run_deltagrad(problem, forget, **options)
-    raise ValueError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}")
+        return run_mini(problem, forget, dataclasses.replace(cfg, **options) if options else cfg)
+    return run
+
+
+register_method("mini", _mini_variant("mini"), needs=_needs_snapshots,
+                summary="Mini-Unlearning, the default configuration (fixed point + refinement on the remaining data)")
+register_method("mini-lite", _mini_variant("mini-lite"), needs=_needs_snapshots,
+                summary="Mini-Unlearning without any pass over the remaining data")
+register_method("mini-plus", _mini_variant("mini-plus"), needs=_needs_snapshots,
+                summary="Mini-Unlearning with more refinement (24 CG steps)")
+register_method("retrain", run_retrain, reference=True,
+                summary="ground truth: the training recipe rerun on the remaining data")
+register_method("newton", run_newton, summary="Newton-CG on the remaining data with exact Hessian-vector products")
+register_method("finetune", run_finetune, needs=_needs_recipe("continues training with the recipe's optimizer"),
+                summary="one epoch (or 10 full-batch steps) of the recipe on the remaining data, from w*")
+register_method("neggrad", run_neggrad, summary="gradient ascent on the removed examples' loss")
+register_method("deltagrad", run_deltagrad, needs=_needs_recipe("replays the recipe's mini-batch schedule"),
+                summary="DeltaGrad (Wu et al. 2020) on its own (S)GD trajectory; sound only for small removals")

@@ -6,22 +6,17 @@ unlearned model is the *retrained* model's value, not 0.5: an AUC far below the 
 one leaks as much as one far above it.
 
 - :func:`default_mia` -- the cheap default: the loss-threshold attack
-  (:data:`~mini_unlearn_jax.attacks.DEFAULT_ATTACK`) on every model.
+  (:data:`~mini_unlearn_jax.evaluation.attacks.DEFAULT_ATTACK`) on every model.
 - :func:`full_suite` -- every threshold attack, the learned attack, and LiRA online /
   offline with shadow models trained in one vmapped call; returns metrics and ROC curves.
 - :func:`mia_for_report` -- the block ``mini-unlearn unlearn --mia`` adds to its report.
-- :func:`add_attack_parser` / :func:`cmd_attack` -- the ``mini-unlearn attack`` subcommand.
+The ``mini-unlearn attack`` subcommand that runs :func:`full_suite` lives in :mod:`mini_unlearn_jax.app.cli`.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-import sys
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -29,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ..core.models import Objective
 from . import attacks as A
-from .models import Objective
+from .metrics import log_probs
 
 Params = Any
 
@@ -78,14 +74,6 @@ def _metrics(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> dict[st
     m = A.roc_metrics(member_scores, nonmember_scores)
     m["auc_se"] = auc_standard_error(m["auc"], m["n_members"], m["n_nonmembers"])
     return m
-
-
-def _log_probs(objective: Objective, params: Params, x: Any, chunk: int = 8192) -> np.ndarray:
-    """Log class probabilities ``[n, C]`` as float64 (chunked)."""
-    x = jnp.asarray(x)
-    fn = jax.jit(lambda p, xb: jax.nn.log_softmax(objective.apply_fn(p, xb), axis=-1))
-    out = [np.asarray(fn(params, x[i:i + chunk]), np.float64) for i in range(0, x.shape[0], chunk)]
-    return np.concatenate(out)
 
 
 def _attack_sets(x_forget, y_forget, x_heldout, y_heldout, seed: int, balance: bool):
@@ -138,8 +126,8 @@ def default_mia(
     score = A.THRESHOLD_ATTACKS[A.DEFAULT_ATTACK]
     out = {}
     for name, params in params_by_name.items():
-        pf = np.exp(_log_probs(objective, params, xf))
-        ph = np.exp(_log_probs(objective, params, xh))
+        pf = np.exp(log_probs(objective, params, xf))
+        ph = np.exp(log_probs(objective, params, xh))
         out[name] = {"attack": A.DEFAULT_ATTACK, **_metrics(score(pf, yf), score(ph, yh))}
     return out
 
@@ -301,8 +289,8 @@ def full_suite(
     curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
     all_scores: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
     for name, params in params_by_name.items():
-        pf = np.exp(_log_probs(objective, params, xf))
-        ph = np.exp(_log_probs(objective, params, xh))
+        pf = np.exp(log_probs(objective, params, xf))
+        ph = np.exp(log_probs(objective, params, xh))
         res: dict[str, Any] = {}
         cur: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         scores: dict[str, tuple[np.ndarray, np.ndarray]] = {
@@ -414,165 +402,3 @@ def mia_for_report(problem: Any, ds: Any, forget_local: Any, unlearned_params: P
     if "retrain" in res:
         out["auc_gap_to_retrain"] = res["unlearned"]["auc"] - res["retrain"]["auc"]
     return out
-
-
-# =============================================================================
-# `mini-unlearn attack`
-# =============================================================================
-
-
-def add_attack_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``attack`` subcommand to an ``argparse`` subparsers object; returns its parser."""
-    a = subparsers.add_parser(
-        "attack", help="membership-inference attacks on an original, retrained and unlearned model",
-        description="Attack the original run, a model retrained without the forget set, and an unlearned run "
-                    "(from `mini-unlearn unlearn`) with threshold, learned and LiRA attacks; members are the "
-                    "forget set, non-members held-out test examples. Writes OUT/report.json and OUT/roc.png.")
-    a.add_argument("--run", required=True, help="the run the unlearned model was derived from")
-    a.add_argument("--unlearned", required=True, help="an output directory of `mini-unlearn unlearn`")
-    a.add_argument("--shadows", type=int, default=16, help="number of LiRA shadow models (default 16)")
-    a.add_argument("--shadow-steps", type=int, help="shadow training steps (default: the run's recipe)")
-    a.add_argument("--shadow-pool", choices=["all", "forget-heldout"], default="all",
-                   help="shadows train on random halves of the forget + held-out examples plus the retained "
-                        "training data ('all', default) or of the forget + held-out examples only")
-    a.add_argument("--seed", type=int, default=0, help="seed of the shadow models and of the member/non-member subsampling (default 0)")
-    a.add_argument("--out", required=True, help="new directory for report.json and roc.png")
-    a.set_defaults(func=cmd_attack)
-    return a
-
-
-MAX_EXTRA_POOL = 20000  # retained examples added to the shadow pool at most (subsampled beyond)
-
-
-def _log(msg: str) -> None:
-    print(f"[mini-unlearn] {msg}", file=sys.stderr, flush=True)
-
-
-def _write_dir_atomic(out: Path, report_text: str, curves: dict[str, tuple[Any, Any]], title: str) -> None:
-    """report.json and roc.png, written by the project's one atomic directory writer (marker kind "attack")."""
-    from . import checkpoint as ck
-    from .cli import UsageError
-
-    def fill(tmp: Path) -> None:
-        A.plot_roc(curves, tmp / "roc.png", title=title)
-        (tmp / "report.json").write_text(report_text)
-
-    try:
-        ck.write_dir_atomic(out, fill, kind="attack")  # never replaces anything (attack has no --overwrite)
-    except ck.OutputExistsError as e:
-        raise UsageError(str(e)) from e
-
-
-def cmd_attack(args: argparse.Namespace) -> int:
-    """``mini-unlearn attack``: full MIA suite on original / retrained / unlearned; returns 0.
-
-    Raises ``cli.UsageError`` (or ``CheckpointError`` / ``DataError``) on bad input, before
-    anything is written.
-    """
-    from . import checkpoint as ck
-    from . import deltagrad as dg
-    from . import methods as M
-    from .cli import UsageError
-    from .data import load_dataset
-    from .models import init_params
-
-    t_start = time.perf_counter()
-    out = Path(args.out)
-    try:
-        ck.check_output_dir(out)  # a new or empty directory only: attack results never replace anything
-    except ck.OutputExistsError as e:
-        raise UsageError(str(e)) from e
-    if args.shadows < 2:
-        raise UsageError(f"--shadows must be at least 2 (LiRA wants 16 or more), got {args.shadows}")
-    if args.shadow_steps is not None and args.shadow_steps < 1:
-        raise UsageError(f"--shadow-steps must be positive, got {args.shadow_steps}")
-    run_dir, unl_dir = Path(args.run).absolute(), Path(args.unlearned).absolute()
-    for d, what in ((run_dir, "--run"), (unl_dir, "--unlearned")):
-        if out.absolute() == d or d in out.absolute().parents:
-            raise UsageError(f"--out must not be the {what} directory or inside it")
-    run, unl = ck.load_run(run_dir), ck.load_run(unl_dir)
-    meta, umeta = run.meta, unl.meta
-    if umeta.get("kind") != "unlearned":
-        raise UsageError(f"{unl_dir} is not an unlearned run (kind {umeta.get('kind')!r}); give the --out of "
-                         "`mini-unlearn unlearn` as --unlearned")
-    for key in ("data_fingerprint", "model", "hidden", "l2", "num_classes"):
-        if meta.get(key) != umeta.get(key):
-            raise UsageError(f"{unl_dir} was not derived from {run_dir}: {key} differs "
-                             f"({umeta.get(key)!r} vs {meta.get(key)!r})")
-    if np.setdiff1d(run.removed, unl.removed).size:
-        raise UsageError(f"{run_dir} has removed examples that {unl_dir} still holds; it is not its ancestor")
-    forget = np.setdiff1d(unl.removed, run.removed).astype(np.int32)
-    if forget.size == 0:
-        raise UsageError(f"{unl_dir} removed nothing beyond {run_dir}: there is no forget set to attack")
-    report_path = unl_dir / "report.json"
-    ureport = json.loads(report_path.read_text()) if report_path.exists() else {}
-    method = ureport.get("method") or (umeta.get("ledger") or [{}])[-1].get("method", "unknown")
-    if ureport.get("run") and Path(ureport["run"]).absolute() != run_dir:
-        _log(f"note: {unl_dir} was unlearned from {ureport['run']}; attacking the removals since {run_dir}")
-    ds = load_dataset(meta["data_spec"])
-    if ds.fingerprint() != meta["data_fingerprint"]:
-        raise UsageError(f"the data behind {meta['data_spec']!r} differs from what {run_dir} was trained on "
-                         "(fingerprint mismatch); restore the original data")
-
-    alive = np.setdiff1d(np.arange(ds.n_train), run.removed)
-    local = np.searchsorted(alive, forget).astype(np.int32)
-    x, y = ds.x_train[alive], ds.y_train[alive]
-    cfg = run.train_config
-    params0 = init_params(run.model, ds.x_train[0], cfg.seed)
-    problem = M.Problem(run.objective, cfg, params0, run.params, run.snapshots, run.stats,
-                        jnp.asarray(x), jnp.asarray(y))
-    original = run.params
-    if method == "deltagrad":
-        _log("deltagrad: its reference is its own (S)GD recipe; training that recipe on all data and without "
-             "the forget set ...")
-        dg_options = (ureport.get("details") or {}).get("config") or {}
-        dcfg = M.deltagrad_config(problem, **{k: v for k, v in dg_options.items()
-                                              if k in ("lr", "steps", "batch_size", "seed", "m", "T0", "j0")})
-        original = dg.retrain(run.objective, dcfg, params0, x, y)
-        ref = M.deltagrad_retrain(problem, local, **dataclasses.asdict(dcfg))
-        reference = "deltagrad-retrain (its own (S)GD recipe without the forget set)"
-    else:
-        _log(f"retraining on the remaining {alive.size - forget.size} examples for reference ...")
-        ref = M.run_method("retrain", problem, local)
-        reference = "retrain (the run's recipe without the forget set)"
-    if not ref.converged:
-        raise UsageError(f"the reference retraining failed: {ref.reason}")
-
-    keep = M.keep_mask(alive.size, local).astype(bool)
-    x_extra = y_extra = None
-    if args.shadow_pool == "all":
-        kept = np.flatnonzero(keep)
-        if kept.size > MAX_EXTRA_POOL:
-            kept = np.sort(np.random.default_rng(args.seed).choice(kept, MAX_EXTRA_POOL, replace=False))
-        x_extra, y_extra = x[kept], y[kept]
-    if method == "deltagrad":  # the three targets all come from DeltaGrad's (S)GD recipe
-        recipe = ShadowRecipe(int(args.shadow_steps or dcfg.steps), float(dcfg.lr), dcfg.batch_size, "sgd")
-    else:
-        recipe = shadow_recipe(cfg, args.shadow_steps)
-    _log(f"attacking with {args.shadows} shadow models ({recipe.optimizer_name}, {recipe.steps} steps, "
-         f"{'full batch' if recipe.batch_size is None else f'batch {recipe.batch_size}'}) ...")
-
-    def init_fn(key):
-        return run.model.init(key, jnp.asarray(ds.x_train[:1]))["params"]
-
-    params_by_name = {"original": original, "retrain": ref.params, "unlearned": unl.params}
-    suite, curves = full_suite(run.objective, params_by_name, x[local], y[local], ds.x_test, ds.y_test,
-                               init_params_fn=init_fn, recipe=recipe, num_shadows=args.shadows,
-                               x_extra=x_extra, y_extra=y_extra, seed=args.seed)
-    summary = summarize(suite)
-    report = {
-        "run": str(run_dir), "unlearned": str(unl_dir), "method": method, "data_spec": meta["data_spec"],
-        "n_train": int(alive.size), "n_forget": int(forget.size), "ratio": float(forget.size / alive.size),
-        "reference": reference, "seed": args.seed, "shadow_pool": args.shadow_pool,
-        "members": "forget set", "nonmembers": "test examples (subsampled to the forget set's size)",
-        "summary_auc": summary, **suite, "time_s": time.perf_counter() - t_start,
-    }
-    plot = {f"{name} / {att}": curves[name][att] for name in params_by_name for att in PLOT_ATTACKS}
-    text = json.dumps(report, indent=2, default=float)
-    _write_dir_atomic(out, text, plot, title=f"MIA on the forget set: {method}")
-    for att, row in summary.items():
-        _log(f"{att:12s} AUC original {row['original']:.3f}  retrain {row['retrain']:.3f}  "
-             f"unlearned {row['unlearned']:.3f}  (gap to retrain {row['unlearned_gap_to_retrain']:+.3f})")
-    _log(f"report.json and roc.png written to {out}")
-    print(json.dumps({"summary_auc": summary, "out": str(out)}, indent=2, default=float))
-    return 0

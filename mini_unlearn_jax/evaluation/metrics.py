@@ -7,15 +7,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from .models import Objective
+from ..core.models import Objective
+
+
+def log_probs(objective: Objective, params, x, chunk: int = 8192) -> np.ndarray:
+    """Log class probabilities ``[n, C]`` (float64 numpy), computed in chunks."""
+    x = jnp.asarray(x)
+    fn = jax.jit(lambda p, xb: jax.nn.log_softmax(objective.apply_fn(p, xb), axis=-1))
+    out = [np.asarray(fn(params, x[i : i + chunk]), np.float64) for i in range(0, x.shape[0], chunk)]
+    return np.concatenate(out) if out else np.zeros((0, 0))
 
 
 def predict_probs(objective: Objective, params, x, chunk: int = 8192) -> np.ndarray:
     """Class probabilities ``[n, C]`` (float64 numpy), computed in chunks."""
-    x = jnp.asarray(x)
-    fn = jax.jit(lambda p, xb: jax.nn.log_softmax(objective.apply_fn(p, xb), axis=-1))
-    out = [np.asarray(fn(params, x[i : i + chunk]), np.float64) for i in range(0, x.shape[0], chunk)]
-    return np.exp(np.concatenate(out)) if out else np.zeros((0, 0))
+    return np.exp(log_probs(objective, params, x, chunk))
 
 
 def accuracy(probs: np.ndarray, y) -> float:

@@ -70,7 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from . import curvature as cv
+from . import linalg as cv
 from .models import Objective, cross_entropy
 from .snapshots import SnapshotState
 
@@ -463,19 +463,14 @@ def _solve(objective: Objective, cfg: MiniConfig, kind: str, params, snap_params
             # rows oldest -> newest
             order = (jnp.arange(K) + snap_count) % K
             S, Y, pair_ok = cv.secant_pairs(S_all[order], G_all[order], snap_count)
-            B = lambda v: cv.lbfgs_hessian_product(S, Y, pair_ok, v)
+            B = lambda v: cv.lbfgs_product(S, Y, v, pair_ok)
         else:
             keep_all = jnp.ones((n,), dtype)
             B = lambda v: ravel_pytree(cv.ggn_vp(objective, params, x, y, keep_all, unravel(v)))[0]
             passes_per_B = 1
 
-        def power(_, v):
-            u = B(v)
-            return u / jnp.maximum(jnp.linalg.norm(u), 1e-30)
-
         v0 = jax.random.normal(jax.random.key(0), w0.shape, dtype)
-        v = jax.lax.fori_loop(0, 30, power, v0 / jnp.linalg.norm(v0))
-        lmax = jnp.vdot(v, B(v))
+        lmax = cv.top_eigenvalue(B, v0, 31)
         setup_passes = 31 * passes_per_B
         L = (n / nr) * jnp.maximum(lmax, 0.0) + l2 + cfg.damping
         L = jnp.where(jnp.isfinite(L) & (L > 0), L, 1.0)

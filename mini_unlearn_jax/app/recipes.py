@@ -1,0 +1,89 @@
+"""Shared experiment recipes: "load data, train, fit curvature statistics, build a Problem" once.
+
+:func:`build_problem` is what the CLI's ``train``, the grid harness, the experiments and the
+benchmarks call; :data:`RECIPES` names the settings several experiments share (the leaky MLP of
+the privacy experiments, the fidelity MLP), so each is written once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ..core import linalg as cv
+from ..core.models import build_model, init_params, make_objective
+from ..core.problem import Problem
+from ..core.training import TrainConfig, Trainer, TrainState, default_config
+from .data import Dataset, load_dataset
+
+
+class Trained(NamedTuple):
+    """What :func:`build_problem` returns."""
+
+    problem: Problem  # objective, recipe, params0, w*, snapshot buffer, EKFAC stats (logreg), data
+    dataset: Dataset
+    model: Any  # the flax module
+    state: TrainState  # the final training state (optimizer state, steps run, gradient norm)
+    train_s: float  # training wall seconds, compilation excluded
+    train_compile_s: float
+    stats_s: float  # fitting the curvature statistics (0 without them)
+
+
+def build_problem(data: str | Dataset, model: str, l2: float, seed: int = 0, *, hidden: int = 256,
+                  penalize_bias: bool = False, config: TrainConfig | None = None, verbose: bool = False,
+                  **overrides) -> Trained:
+    """Load ``data`` (a spec for :func:`load_dataset`, or a Dataset), train ``model`` (``"logreg"``
+    or ``"mlp"``) with the recipe ``config`` (default: :func:`default_config` for the model and
+    data size at ``seed``, with ``overrides`` replacing its fields), fit curvature statistics
+    where the model has them, and return the :class:`Problem` with what it cost."""
+    ds = load_dataset(data) if isinstance(data, str) else data
+    module = build_model(model, ds.num_classes, hidden=hidden)
+    objective = make_objective(module, l2, penalize_bias=penalize_bias)
+    cfg = config if config is not None else default_config(model, ds.n_train, seed=seed)
+    if overrides:
+        cfg = dataclasses.replace(cfg, **overrides)
+    params0 = init_params(module, ds.x_train[0], cfg.seed)
+    x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
+    trainer = Trainer(objective, cfg)
+    t0 = time.perf_counter()
+    state = trainer.fit(params0, x, y, verbose=verbose)
+    jax.block_until_ready(state.params)
+    train_s = time.perf_counter() - t0 - trainer.compile_s
+    t0 = time.perf_counter()
+    stats = cv.fit_stats(objective, state.params, x)
+    stats_s = time.perf_counter() - t0 if stats is not None else 0.0
+    problem = Problem(objective, cfg, params0, state.params, state.snapshots, stats, x, y)
+    return Trained(problem, ds, module, state, train_s, trainer.compile_s, stats_s)
+
+
+def _adam(steps: int, seed: int, batch_size: int = 128, lr: float = 1e-3) -> TrainConfig:
+    return TrainConfig(optimizer="adam", learning_rate=lr, steps=steps, batch_size=batch_size, tol=0.0, seed=seed,
+                       snapshots=8, snapshot_every=max(1, steps // 8), chunk=min(400, steps))
+
+
+# name -> (data spec, model, l2, hidden, recipe(seed) or None for default_config)
+RECIPES: dict[str, tuple[str, str, float, int, Any]] = {
+    # memorises hard: 2,000 images, 102 epochs of Adam (experiments/privacy.py, mlp_limits.py, trajectory.py)
+    "leaky-mlp": ("fashion_mnist:n_train=2000", "mlp", 1e-5, 256, lambda seed: _adam(1600, seed)),
+    # the fidelity table's MLP: 10,000 images, the CLI's default MLP recipe (30 epochs)
+    "fidelity-mlp": ("fashion_mnist:n_train=10000", "mlp", 1e-4, 256, None),
+    # the main job's logistic regression on all of Fashion-MNIST
+    "fashion-logreg": ("fashion_mnist", "logreg", 1e-3, 0, None),
+}
+
+
+def recipe(name: str, seed: int = 0, *, data: str | Dataset | None = None, **overrides) -> Trained:
+    """Train the named setting of :data:`RECIPES` (``data`` replaces its data spec, e.g. a smaller
+    subset for a smoke run; ``overrides`` replace recipe fields such as ``steps``)."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}: choose one of {', '.join(RECIPES)}")
+    spec, model, l2, hidden, make_cfg = RECIPES[name]
+    config = make_cfg(seed) if make_cfg is not None else None
+    if config is not None and "steps" in overrides:  # snapshots stay spread over the shorter run
+        config = _adam(int(overrides.pop("steps")), seed, config.batch_size, config.learning_rate)
+    return build_problem(data if data is not None else spec, model, l2, seed, hidden=hidden or 256,
+                         config=config, **overrides)
