@@ -30,6 +30,7 @@ from jax.flatten_util import ravel_pytree
 from . import deltagrad as dg
 from . import linalg as cv
 from . import mini as ul
+from . import trajectory as tj
 from .aot import aot, finite, timed
 from .models import Objective
 from .problem import MethodOutput, Problem, keep_mask
@@ -416,7 +417,14 @@ def refresh_for_next_request(problem: Problem, params, forget) -> Refresh:
     dyn = (problem.snapshots, params, x, y)
     compiled, c = aot(_refresh, (problem.objective, cfg.snapshots, cfg.snapshot_every, regrad), dyn)
     (snaps, stats), t = timed(compiled, *dyn)
-    return Refresh(dataclasses.replace(problem, params=params, snapshots=snaps, stats=stats, x=x, y=y), t, c)
+    extras = dict(problem.extras)
+    if "trajectory" in extras:  # its last slot becomes the new model; the profile is retaken on the remaining data
+        t0 = time.perf_counter()
+        extras["trajectory"] = jax.block_until_ready(tj.refresh_trajectory(problem.objective, extras["trajectory"],
+                                                                           params, x, y))
+        t += time.perf_counter() - t0
+    return Refresh(dataclasses.replace(problem, params=params, snapshots=snaps, stats=stats, x=x, y=y, extras=extras),
+                   t, c)
 
 
 def after_removal(problem: Problem, params, forget) -> Problem:
@@ -435,12 +443,32 @@ def after_removal(problem: Problem, params, forget) -> Problem:
 def _mini_variant(name: str):
     def run(problem: Problem, forget, **options) -> MethodOutput:
         cfg = MINI_VARIANTS[name]
-        return run_mini(problem, forget, dataclasses.replace(cfg, **options) if options else cfg)
+        out = run_mini(problem, forget, dataclasses.replace(cfg, **options) if options else cfg)
+        return out._replace(info={**out.info, "solver": "fixed-point"})
     return run
 
 
-register_method("mini", _mini_variant("mini"), needs=_needs_snapshots,
-                summary="Mini-Unlearning, the default configuration (fixed point + refinement on the remaining data)")
+_run_fixed_point_mini = _mini_variant("mini")
+
+
+def _run_default_mini(problem: Problem, forget, **options) -> MethodOutput:
+    """``mini``: trajectory unlearning where the problem carries a trajectory buffer (the CLI's
+    MLP runs: non-convex training, where the fixed point reproduces the trained model), else the
+    contraction-mapping fixed point (logistic regression and other convex objectives)."""
+    if "trajectory" in problem.extras and tj.needs_trajectory(problem) is None:
+        return tj.run_from_problem(problem, forget, **options)
+    return _run_fixed_point_mini(problem, forget, **options)
+
+
+def _needs_mini(problem: Problem) -> str | None:
+    if "trajectory" in problem.extras and tj.needs_trajectory(problem) is None:
+        return None
+    return _needs_snapshots(problem)
+
+
+register_method("mini", _run_default_mini, needs=_needs_mini,
+                summary="Mini-Unlearning, the default: the fixed point with refinement (convex models), or "
+                        "trajectory unlearning where the run kept a trajectory buffer (the CLI's MLPs)")
 register_method("mini-lite", _mini_variant("mini-lite"), needs=_needs_snapshots,
                 summary="Mini-Unlearning without any pass over the remaining data")
 register_method("mini-plus", _mini_variant("mini-plus"), needs=_needs_snapshots,
@@ -453,3 +481,6 @@ register_method("finetune", run_finetune, needs=_needs_recipe("continues trainin
 register_method("neggrad", run_neggrad, summary="gradient ascent on the removed examples' loss")
 register_method("deltagrad", run_deltagrad, needs=_needs_recipe("replays the recipe's mini-batch schedule"),
                 summary="DeltaGrad (Wu et al. 2020) on its own (S)GD trajectory; sound only for small removals")
+register_method("trajectory", tj.run_from_problem, needs=tj.needs_trajectory,
+                summary="trajectory unlearning: rewind along the trajectory buffer, short one-cycle retrain, "
+                        "temperature calibration (what mini runs on the CLI's MLPs)")

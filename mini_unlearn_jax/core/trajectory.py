@@ -139,13 +139,15 @@ def snapshot(state: TrajectoryState, i) -> Params:
 
 
 def train_with_trajectory(objective: Objective, cfg: TrainConfig, params0: Params, x, y, weights=None, *,
-                          schedule=None, size: int = 12,
-                          with_opt_state: bool = False) -> tuple[TrainState, TrajectoryState]:
+                          schedule=None, size: int = 12, with_opt_state: bool = False,
+                          keep_snapshots: bool = False) -> tuple[TrainState, TrajectoryState]:
     """Train with the mini-batch recipe ``cfg`` and fill a trajectory buffer.
 
     The optimizer steps are :meth:`Trainer.step`'s, so the final parameters equal
     ``Trainer(objective, cfg).fit(...)``'s bit for bit. ``schedule`` defaults to
-    ``log_schedule(cfg.steps, size)``.
+    ``log_schedule(cfg.steps, size)``. With ``keep_snapshots`` the recipe's own snapshot buffer
+    is filled too (and finished at ``w*``, as ``fit`` does), so the returned state serves the
+    fixed-point methods as well; otherwise it is left empty (no full-data gradient passes).
 
     Returns:
       ``(final TrainState, TrajectoryState)``; the buffer's last slot holds ``w*``.
@@ -157,13 +159,14 @@ def train_with_trajectory(objective: Objective, cfg: TrainConfig, params0: Param
         raise ValueError(f"the schedule must end at the last step {cfg.steps}, got {schedule[-1]}")
     x, y = jnp.asarray(x), jnp.asarray(y)
     w = jnp.ones((x.shape[0],), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
-    # the project's own snapshot buffer is not needed here: one slot, never written after step 0
-    trainer_cfg = dataclasses.replace(cfg, snapshots=1, snapshot_every=cfg.steps + 1)
-    return _train(objective, trainer_cfg, schedule, with_opt_state, params0, x, y, w)
+    # without keep_snapshots the project's snapshot buffer is not needed: one slot, never written
+    trainer_cfg = cfg if keep_snapshots else dataclasses.replace(cfg, snapshots=1, snapshot_every=cfg.steps + 1)
+    return _train(objective, trainer_cfg, schedule, with_opt_state, keep_snapshots, params0, x, y, w)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _train(objective: Objective, cfg: TrainConfig, schedule: tuple, with_opt_state: bool, params0, x, y, w):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _train(objective: Objective, cfg: TrainConfig, schedule: tuple, with_opt_state: bool, finish: bool,
+           params0, x, y, w):
     trainer = Trainer(objective, cfg)
     buf = trajectory_buffer(schedule, with_opt_state=with_opt_state)
     st = trainer.init(params0)
@@ -175,7 +178,20 @@ def _train(objective: Objective, cfg: TrainConfig, schedule: tuple, with_opt_sta
         return (s, buf.update(tr, s.step, s.params, s.opt_state)), None
 
     (st, traj), _ = jax.lax.scan(body, (st, traj), None, length=cfg.steps)
+    if finish:
+        st = trainer.finish(st, x, y, w)
     return st, traj
+
+
+class TrajectoryData(NamedTuple):
+    """What trajectory unlearning reads besides the Problem (``Problem.extras["trajectory"]``):
+    the buffer, a labelled held-out set never trained on (``x_val``, ``y_val``) and the
+    :func:`memorisation_profile` of the buffer on the training set (None: forget set only)."""
+
+    state: TrajectoryState
+    x_val: jax.Array
+    y_val: jax.Array
+    profile: jax.Array | None = None
 
 
 # =============================================================================
@@ -550,3 +566,50 @@ def run_salun(problem, forget, *, steps: int, lr: float, sparsity: float = 0.5, 
     ok = finite(out)
     return MethodOutput(out if ok else problem.params, ok, "salun" if ok else "SalUn diverged", t, c,
                         {"steps": steps, "lr": lr, "sparsity": sparsity})
+
+
+# =============================================================================
+# Registry glue: the `trajectory` method, and what `mini` runs on a Problem with a trajectory
+# =============================================================================
+
+
+def needs_trajectory(problem) -> str | None:
+    """Why trajectory unlearning does not apply to ``problem`` (None: it does)."""
+    if "trajectory" not in problem.extras:
+        return ("it reads a trajectory buffer, Problem.extras['trajectory'] (a TrajectoryData: train with "
+                "train_with_trajectory; `mini-unlearn train --model mlp` saves one)")
+    cfg = problem.recipe
+    if cfg is None or cfg.batch_size is None or cfg.optimizer == "lbfgs":
+        return ("it retrains with the recipe's mini-batch optimizer, so Problem.train_config must be a "
+                "mini-batch adam or sgd TrainConfig")
+    return None
+
+
+def run_from_problem(problem, forget, **options) -> MethodOutput:
+    """:func:`run_trajectory` with the TrajectoryData in ``problem.extras["trajectory"]``;
+    ``options`` are :class:`TrajectoryConfig` fields."""
+    data: TrajectoryData = problem.extras["trajectory"]
+    unknown = set(options) - {f.name for f in dataclasses.fields(TrajectoryConfig)}
+    if unknown:
+        raise ValueError(f"unknown trajectory options {sorted(unknown)}: choose from "
+                         f"{', '.join(f.name for f in dataclasses.fields(TrajectoryConfig))}")
+    out = run_trajectory(problem, forget, trajectory=data.state, x_val=data.x_val, y_val=data.y_val,
+                         profile=data.profile, config=TrajectoryConfig(**options))
+    return out._replace(info={**out.info, "solver": "trajectory"})
+
+
+@functools.partial(jax.jit, static_argnames=("objective",))
+def _refreshed(objective: Objective, state: TrajectoryState, params, x, y, x_val, y_val):
+    last = state.steps.shape[0] - 1
+    put = lambda buf, v: buf.at[last].set(v.astype(buf.dtype))
+    state = state._replace(params=jax.tree.map(put, state.params, params))
+    return state, memorisation_profile(objective, state, x, y, x_val, y_val)
+
+
+def refresh_trajectory(objective: Objective, data: TrajectoryData, params, x, y) -> TrajectoryData:
+    """The trajectory for the next request, after unlearning to ``params`` on the remaining
+    ``(x, y)``: the last slot (the calibration target's model) becomes ``params``; the earlier
+    snapshots stay, and the profile is recomputed on the remaining data, so the rewind rule keeps
+    judging them by how well they fit data unseen versus seen."""
+    state, profile = _refreshed(objective, data.state, params, jnp.asarray(x), jnp.asarray(y), data.x_val, data.y_val)
+    return data._replace(state=state, profile=profile)
