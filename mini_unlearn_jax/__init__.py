@@ -18,7 +18,16 @@ import sys
 
 from .core.certificate import Certificate, certify, certify_removal
 from .core.linalg import EKFAC, fit_stats
-from .core.methods import METHODS, MethodOutput, Problem, register_method, run_method
+from .core.methods import (
+    METHODS,
+    Method,
+    MethodOutput,
+    Problem,
+    applicable,
+    get_method,
+    register_method,
+    run_method,
+)
 from .core.mini import (
     MiniConfig,
     UnlearnError,
@@ -36,7 +45,7 @@ from .core.models import (
     init_params,
     make_objective,
 )
-from .core.snapshots import SnapshotBuffer, SnapshotState, snapshot_buffer
+from .core.snapshots import SnapshotBuffer, SnapshotState, data_grad_fn, snapshot_buffer
 from .core.training import TrainConfig, Trainer, TrainState, default_config, train
 
 # name -> module that defines it, imported when the name is first read (PEP 562)
@@ -97,10 +106,10 @@ __all__ = [
     "Certificate", "certify", "certify_removal",
     "EKFAC", "fit_stats",
     "DataError", "Dataset", "load_dataset",
-    "METHODS", "MethodOutput", "Problem", "register_method", "run_method",
+    "METHODS", "Method", "MethodOutput", "Problem", "applicable", "get_method", "register_method", "run_method",
     "agreement", "mean_kl", "predict_probs", "rel_param_error",
     "MLP", "LogisticRegression", "Objective", "build_model", "init_params", "make_objective",
-    "SnapshotBuffer", "SnapshotState", "snapshot_buffer",
+    "SnapshotBuffer", "SnapshotState", "data_grad_fn", "snapshot_buffer",
     "TrainConfig", "Trainer", "TrainState", "default_config", "train",
     "MiniConfig", "UnlearnError", "UnlearnResult", "pad_request", "unlearn", "unlearn_core", "unlearn_many",
 ]

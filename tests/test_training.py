@@ -68,3 +68,18 @@ def test_minibatch_training_records_full_data_gradient_and_is_deterministic():
     np.testing.assert_allclose(ravel_pytree(w_last)[0], ravel_pytree(s1.params)[0])
     g_ref = jax.grad(obj.data_loss)(s1.params, jnp.asarray(ds.x_train), jnp.asarray(ds.y_train))
     np.testing.assert_allclose(ravel_pytree(g_last)[0], ravel_pytree(g_ref)[0], rtol=1e-4, atol=1e-6)
+
+
+def test_rewriting_the_newest_step_replaces_it():
+    """A final force=True on a step the schedule already took overwrites that entry (no duplicate
+    slot); the older entries stay."""
+    buf = snapshot_buffer(3, every=2)
+    p = lambda v: {"w": jnp.full(2, v)}
+    state = buf.init(p(0.0))
+    for t in (0, 2, 4):
+        state = buf.update(state, t, p(float(t)), p(-float(t)))
+    state = buf.update(state, 4, p(40.0), p(-40.0), force=True)
+    got = ordered(state)
+    assert int(state.count) == 3 and list(np.asarray(got.steps)) == [0, 2, 4]
+    np.testing.assert_array_equal(np.asarray(got.params["w"])[:, 0], [0.0, 2.0, 40.0])
+    np.testing.assert_array_equal(np.asarray(got.grads["w"])[:, 0], [-0.0, -2.0, -40.0])

@@ -10,6 +10,16 @@ Layout of a run directory::
 
     RUN_DIR/.mini-unlearn    marker: JSON {"tool", "kind", "format_version", "entries"}
 
+Two kinds of run: the CLI's (``meta["model"]`` is ``logreg`` or ``mlp``; :func:`load_run` rebuilds
+the model, objective and abstract tree from the metadata) and *your own model* (any other
+``model`` name, or none): :func:`save_run` records the objective's description, and
+:func:`load_run` restores against the ``objective`` and parameter tree ``like`` you pass back,
+refusing an objective whose loss, penalty or L2 coefficient differs from the saved one::
+
+    mu.save_run("run", params=w, snapshots=buf, objective=obj, params0=w0, meta={"train_config": ...})
+    run = mu.load_run("run", objective=obj, like=w0)      # in another process
+    problem = run.problem(x, y)                           # -> mu.run_method(name, problem, forget)
+
 Every directory the tool writes (run, unlearned result, failed unlearning's report, attack
 report) is written atomically by :func:`write_dir_atomic`: everything goes to a hidden sibling
 first, which gets the marker and is moved into place only once complete, so an interrupted
@@ -52,7 +62,13 @@ class CheckpointError(RuntimeError):
     """A run directory that is missing, incomplete or corrupted; the message says what to do."""
 
 
+BUILTIN_MODELS = ("logreg", "mlp")
+
+
 class Run(NamedTuple):
+    """A restored run directory. ``model`` is the flax module of a CLI run (None for your own
+    model); ``params0`` the saved initial parameters, if any; ``opt_state`` None when not saved."""
+
     params: Any
     opt_state: Any
     snapshots: Any
@@ -61,10 +77,43 @@ class Run(NamedTuple):
     meta: dict
     objective: Objective
     model: Any
+    params0: Any = None
 
     @property
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(**self.meta["train_config"])
+    def train_config(self) -> TrainConfig | None:
+        """The recipe as data, when the run recorded one (CLI runs always do)."""
+        cfg = self.meta.get("train_config")
+        return TrainConfig(**cfg) if cfg is not None else None
+
+    def problem(self, x, y, recipe=None):
+        """The :class:`~mini_unlearn_jax.core.problem.Problem` of this run on its training data
+        ``(x, y)`` (the rows still alive). ``recipe`` (a TrainConfig or a function, see Problem)
+        replaces the recorded train_config. A CLI run without saved ``params0`` gets them from
+        its model and seed, as training did."""
+        from ..core.problem import Problem
+
+        recipe = recipe if recipe is not None else self.train_config
+        params0 = self.params0
+        if params0 is None and self.model is not None:
+            params0 = init_params(self.model, np.asarray(x[0]), self.train_config.seed)
+        return Problem(self.objective, recipe, params0, self.params, self.snapshots, self.stats,
+                       jnp.asarray(x), jnp.asarray(y))
+
+
+def _qualname(fn) -> str:
+    # the name only: the same function is `__main__.f` in a script and `mymodule.f` when imported
+    return getattr(fn, "__qualname__", type(fn).__name__)
+
+
+def describe_objective(objective: Objective) -> dict:
+    """What save_run records of an objective, and load_run checks against the one passed back."""
+    return {"kind": objective.kind, "l2": float(objective.l2), "example_loss": _qualname(objective.example_loss),
+            "l2_mask": _qualname(objective.l2_mask)}
+
+
+def _shape_tree(tree):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype if hasattr(a, "dtype")
+                                                       else np.asarray(a).dtype), tree)
 
 
 def _abstract(meta: dict):
@@ -82,7 +131,22 @@ def _abstract(meta: dict):
         d1 = int(np.prod(meta["input_shape"])) + 1
         c = meta["num_classes"]
         tree["stats"] = cv.EKFAC(jnp.zeros((d1, d1)), jnp.zeros((c, c)), jnp.zeros((d1, c)))
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype if not hasattr(a, "dtype") else a.dtype), tree), objective, model
+    if meta.get("has_params0"):
+        tree["params0"] = params
+    return _shape_tree(tree), objective, model
+
+
+def _abstract_custom(meta: dict, like):
+    """The abstract tree of a run of your own model, from the parameter tree ``like``."""
+    params = _shape_tree(like)
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), params)
+    tree = {"params": params,
+            "snapshots": _shape_tree(jax.eval_shape(snapshot_buffer(int(meta["snapshot_size"])).init, zeros))}
+    if meta.get("has_params0"):
+        tree["params0"] = params
+    if meta.get("has_stats"):
+        tree["stats"] = cv.EKFAC(*(jax.ShapeDtypeStruct(tuple(s), np.float32) for s in meta["stats_shapes"]))
+    return tree
 
 
 def is_run(path: str | os.PathLike) -> bool:
@@ -393,24 +457,55 @@ def write_dir_atomic(path: str | os.PathLike, fill: Callable[[Path], None], *, k
     return path
 
 
-def save_run(path: str | os.PathLike, *, params, opt_state, snapshots, stats, removed, meta: dict,
-             overwrite: bool | None = None, extra_files: dict[str, str] | None = None) -> Path:
+def save_run(path: str | os.PathLike, *, params, snapshots, stats=None, removed=(), meta: dict | None = None,
+             opt_state=None, params0=None, objective: Objective | None = None, overwrite: bool | None = None,
+             extra_files: dict[str, str] | None = None) -> Path:
     """Write a run directory atomically (write_dir_atomic; its marker's kind is ``meta["kind"]``).
 
-    ``overwrite`` as in check_output_dir: only a replaceable result of this tool holding nothing
-    else is ever replaced, a trained run never. ``extra_files`` (name -> text) are written
-    inside it before it appears."""
+    For your own model: pass ``objective`` (its description is recorded and checked when the run
+    is loaded back), ``params0`` (retraining and DeltaGrad start from it) and, in ``meta``, any
+    JSON-able fields you like (a ``train_config`` dict makes the recipe available as data).
+    The optimizer state is saved only for the CLI's models (whose structure the metadata
+    rebuilds). ``overwrite`` as in check_output_dir: only a replaceable result of this tool
+    holding nothing else is ever replaced, a trained run never. ``extra_files`` (name -> text)
+    are written inside it before it appears."""
     import orbax.checkpoint as ocp
 
-    removed = np.asarray(removed, np.int32)
-    meta = dict(meta, format_version=FORMAT_VERSION, has_stats=stats is not None, n_removed_total=int(removed.size))
+    meta = dict(meta or {})
+    builtin = meta.get("model") in BUILTIN_MODELS
+    if not builtin:
+        meta.setdefault("model", "custom")
+        if opt_state is not None:
+            raise ValueError("save_run: the optimizer state of your own model cannot be restored without its "
+                             "structure; pass opt_state=None (unlearning does not need it)")
+        if objective is None:
+            raise ValueError("save_run: for your own model pass objective= so that load_run can check that the "
+                             "objective you restore against is the one the model was trained with")
+    if stats is not None and not isinstance(stats, cv.EKFAC):
+        raise ValueError(f"save_run: stats must be EKFAC statistics (fit_stats) or None, got {type(stats).__name__}")
+    removed = np.asarray(removed, np.int32).reshape(-1)
+    meta = dict(meta, format_version=FORMAT_VERSION, has_stats=stats is not None, has_params0=params0 is not None,
+                n_removed_total=int(removed.size), snapshot_size=int(np.shape(snapshots.steps)[0]))
+    if objective is not None:
+        meta["objective"] = describe_objective(objective)
+    if stats is not None:
+        meta["stats_shapes"] = [list(np.shape(a)) for a in stats]
+    try:
+        json.dumps(meta, default=_json_default)
+    except TypeError as e:
+        raise ValueError(f"save_run: meta must be JSON-serialisable ({e})") from e
 
     def fill(tmp: Path) -> None:
-        tree = {"params": params, "opt_state": opt_state, "snapshots": snapshots}
+        tree = {"params": params, "snapshots": snapshots}
+        if builtin:
+            tree["opt_state"] = opt_state
         if stats is not None:
             tree["stats"] = stats
+        if params0 is not None:
+            tree["params0"] = params0
         mgr = ocp.CheckpointManager(tmp / "ckpt", options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
-        mgr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
+        mgr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                            meta=ocp.args.JsonSave(json.loads(json.dumps(meta, default=_json_default)))))
         mgr.wait_until_finished()
         mgr.close()
         np.save(tmp / "removed.npy", removed, allow_pickle=False)
@@ -518,7 +613,8 @@ def read_meta(path: str | os.PathLike) -> dict:
         meta = json.loads((path / "run.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}/run.json is unreadable or corrupted ({e}); the run cannot be used, retrain it") from e
-    for key in ("model", "num_classes", "input_shape", "l2", "train_config", "data_spec", "data_fingerprint"):
+    required = ("model", "num_classes", "input_shape", "l2", "train_config", "data_spec", "data_fingerprint")
+    for key in required if meta.get("model") in BUILTIN_MODELS else ("model", "snapshot_size"):
         if key not in meta:
             raise CheckpointError(f"{path}/run.json lacks {key!r}; it was not written by this version of mini-unlearn")
     if meta.get("format_version") != FORMAT_VERSION:
@@ -526,13 +622,34 @@ def read_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
-def load_run(path: str | os.PathLike) -> Run:
-    """Restore a run directory (read only: nothing in it is modified)."""
+def load_run(path: str | os.PathLike, *, objective: Objective | None = None, like=None) -> Run:
+    """Restore a run directory (read only: nothing in it is modified).
+
+    A CLI run rebuilds its model and objective from the metadata. A run of your own model needs
+    ``objective`` (checked against the description save_run recorded) and ``like``, your
+    parameter tree or its abstract version (``jax.eval_shape`` of your init), which fixes the
+    structure the arrays are restored into."""
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
     meta = read_meta(path)
-    abstract, objective, model = _abstract(meta)
+    if meta["model"] in BUILTIN_MODELS:
+        abstract, built, model = _abstract(meta)
+        objective = objective if objective is not None else built
+    else:
+        if objective is None or like is None:
+            raise CheckpointError(f"{path} holds your own model ({meta['model']!r}), which cannot be rebuilt from its "
+                                  "metadata: load it with load_run(path, objective=<your Objective>, like=<your "
+                                  "parameters or their abstract tree>)")
+        abstract, model = _abstract_custom(meta, like), None
+    saved = meta.get("objective")
+    if saved is not None:
+        given = describe_objective(objective)
+        diff = {k: (saved[k], given[k]) for k in saved if k in given and saved[k] != given[k]}
+        if diff:
+            raise CheckpointError(f"{path} was trained with a different objective: " + "; ".join(
+                f"{k} saved {a!r}, given {b!r}" for k, (a, b) in diff.items()) + " -- pass the objective it was "
+                "trained with (same example_loss, l2_mask and l2)")
     try:
         mgr = ocp.CheckpointManager(path / "ckpt", options=ocp.CheckpointManagerOptions(read_only=True))
         step = mgr.latest_step()
@@ -559,4 +676,5 @@ def load_run(path: str | os.PathLike) -> Run:
     if removed.shape != (int(meta.get("n_removed_total", 0)),):
         raise CheckpointError(f"{path}/removed.npy holds {removed.size} indices but run.json records "
                               f"{meta.get('n_removed_total')}; the run is corrupted")
-    return Run(state["params"], state["opt_state"], state["snapshots"], stats, removed, meta, objective, model)
+    return Run(state["params"], state.get("opt_state"), state["snapshots"], stats, removed, meta, objective, model,
+               state.get("params0"))

@@ -108,7 +108,7 @@ def cmd_train(args) -> int:
     }
     meta["train_wall_s"] = process_wall_s()  # the whole command up to saving
     ck.save_run(out, params=state.params, opt_state=state.opt_state, snapshots=state.snapshots, stats=stats,
-                removed=np.zeros((0,), np.int32), meta=meta)
+                removed=np.zeros((0,), np.int32), meta=meta, objective=objective)
     log(f"params {param_count} ({meta['param_bytes']} B), snapshot buffer {meta['snapshot_buffer_bytes']} B "
         f"(K={cfg.snapshots}), curvature stats {meta['curvature_stats_bytes']} B")
     print(f"trained {args.model} on {args.data} (n={ds.n_train}) in {train_s:.1f}s (+{trainer.compile_s:.1f}s "
@@ -201,10 +201,6 @@ def load_problem(run):
     """The dataset behind ``run`` (checked against its fingerprint), the indices still alive, the
     remaining data and the :class:`Problem` (the run's objective, recipe and buffer) -- the load
     step shared by ``unlearn`` and ``attack``."""
-    import jax.numpy as jnp
-
-    from ..core import methods as M
-    from ..core.models import init_params
     from .data import load_dataset
 
     meta = run.meta
@@ -213,9 +209,8 @@ def load_problem(run):
         raise UsageError(f"the data behind {meta['data_spec']!r} differs from what this run was trained on "
                          "(fingerprint mismatch); restore the original data or retrain on the new data")
     alive = np.setdiff1d(np.arange(ds.n_train), run.removed)
-    x, y = jnp.asarray(ds.x_train[alive]), jnp.asarray(ds.y_train[alive])
-    params0 = init_params(run.model, ds.x_train[0], run.train_config.seed)
-    problem = M.Problem(run.objective, run.train_config, params0, run.params, run.snapshots, run.stats, x, y)
+    problem = run.problem(ds.x_train[alive], ds.y_train[alive])
+    x, y = problem.x, problem.y
     return ds, alive, x, y, problem
 
 
@@ -341,7 +336,8 @@ def cmd_unlearn(args) -> int:
     report["wall_s"] = process_wall_s()  # up to writing the result (measured before the write)
     text = json.dumps(report, indent=2, default=float)
     ck.save_run(out, params=res.params, opt_state=run.opt_state, snapshots=nxt.problem.snapshots,
-                stats=nxt.problem.stats, removed=removed_all, meta=new_meta, overwrite=args.overwrite,
+                stats=nxt.problem.stats, removed=removed_all, meta=new_meta, objective=run.objective,
+                overwrite=args.overwrite,
                 extra_files={"report.json": text})
     if probs_file is not None:
         ck.write_npz_atomic(probs_file, {"test": p_test.astype(np.float32), "forget": p_forget.astype(np.float32),

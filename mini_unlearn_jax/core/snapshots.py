@@ -19,7 +19,8 @@ The contract, for a training loop of your own (what the solver assumes):
    the full-data gradient ``K`` times, not ``T`` times. Passing arrays works too, but then you
    compute them every step.
 3. Write the final parameters with ``force=True`` (the newest entry must be ``w*``; the
-   solver checks it and refuses a stale buffer).
+   solver checks it and refuses a stale buffer). Writing a step that is already the newest
+   entry replaces that entry, so the final write never wastes a slot on a duplicate.
 
 ``update`` checks at trace time that the gradient has the parameters' tree structure and shapes.
 """
@@ -80,13 +81,16 @@ def snapshot_buffer(size: int, every: int = 1) -> SnapshotBuffer:
                 raise ValueError("snapshot_buffer.update: the gradient must have the parameters' tree structure and "
                                  f"shapes (got {jax.tree.structure(g)} for parameters {jax.tree.structure(params)}); "
                                  "pass grad(objective.data_loss) at params, or data_grad_fn(objective, x, y)")
-            slot = s.count % size
+            # a second write of the newest entry's step (a final force=True on a step the schedule
+            # already took) replaces that entry instead of filling a slot with a duplicate
+            again = (s.count > 0) & (s.steps[(s.count - 1) % size] == jnp.asarray(step, jnp.int32))
+            slot = jnp.where(again, (s.count - 1) % size, s.count % size)
             put = lambda buf, v: buf.at[slot].set(v.astype(buf.dtype))
             return SnapshotState(
                 steps=s.steps.at[slot].set(jnp.asarray(step, jnp.int32)),
                 params=jax.tree.map(put, s.params, params),
                 grads=jax.tree.map(put, s.grads, g),
-                count=s.count + 1,
+                count=jnp.where(again, s.count, s.count + 1),
             )
 
         return jax.lax.cond(take, write, lambda s: s, state)
