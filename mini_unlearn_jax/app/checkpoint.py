@@ -78,6 +78,7 @@ class Run(NamedTuple):
     objective: Objective
     model: Any
     params0: Any = None
+    trajectory: Any = None  # a TrajectoryState (trajectory buffer) when the run kept one (the CLI's MLPs)
 
     @property
     def train_config(self) -> TrainConfig | None:
@@ -85,19 +86,27 @@ class Run(NamedTuple):
         cfg = self.meta.get("train_config")
         return TrainConfig(**cfg) if cfg is not None else None
 
-    def problem(self, x, y, recipe=None):
+    def problem(self, x, y, recipe=None, *, val=None):
         """The :class:`~mini_unlearn_jax.core.problem.Problem` of this run on its training data
         ``(x, y)`` (the rows still alive). ``recipe`` (a TrainConfig or a function, see Problem)
         replaces the recorded train_config. A CLI run without saved ``params0`` gets them from
-        its model and seed, as training did."""
+        its model and seed, as training did. With a trajectory buffer and ``val`` (the held-out
+        ``(x_val, y_val)`` recorded at training), ``extras["trajectory"]`` is filled, so ``mini``
+        runs trajectory unlearning."""
         from ..core.problem import Problem
+        from ..core.trajectory import TrajectoryData
 
         recipe = recipe if recipe is not None else self.train_config
         params0 = self.params0
         if params0 is None and self.model is not None:
             params0 = init_params(self.model, np.asarray(x[0]), self.train_config.seed)
+        extras = {}
+        if self.trajectory is not None and val is not None:
+            profile = self.meta.get("trajectory", {}).get("profile")
+            extras["trajectory"] = TrajectoryData(self.trajectory, jnp.asarray(val[0]), jnp.asarray(val[1]),
+                                                  None if profile is None else jnp.asarray(profile, jnp.float32))
         return Problem(self.objective, recipe, params0, self.params, self.snapshots, self.stats,
-                       jnp.asarray(x), jnp.asarray(y))
+                       jnp.asarray(x), jnp.asarray(y), extras)
 
 
 def _qualname(fn) -> str:
@@ -133,6 +142,10 @@ def _abstract(meta: dict):
         tree["stats"] = cv.EKFAC(jnp.zeros((d1, d1)), jnp.zeros((c, c)), jnp.zeros((d1, c)))
     if meta.get("has_params0"):
         tree["params0"] = params
+    if meta.get("trajectory"):
+        K = len(meta["trajectory"]["schedule"])
+        tree["trajectory"] = {"steps": np.zeros((K,), np.int32),
+                              "params": jax.tree.map(lambda a: np.zeros((K,) + np.shape(a), a.dtype), params)}
     return _shape_tree(tree), objective, model
 
 
@@ -458,15 +471,16 @@ def write_dir_atomic(path: str | os.PathLike, fill: Callable[[Path], None], *, k
 
 
 def save_run(path: str | os.PathLike, *, params, snapshots, stats=None, removed=(), meta: dict | None = None,
-             opt_state=None, params0=None, objective: Objective | None = None, overwrite: bool | None = None,
-             extra_files: dict[str, str] | None = None) -> Path:
+             opt_state=None, params0=None, objective: Objective | None = None, trajectory=None,
+             overwrite: bool | None = None, extra_files: dict[str, str] | None = None) -> Path:
     """Write a run directory atomically (write_dir_atomic; its marker's kind is ``meta["kind"]``).
 
     For your own model: pass ``objective`` (its description is recorded and checked when the run
     is loaded back), ``params0`` (retraining and DeltaGrad start from it) and, in ``meta``, any
     JSON-able fields you like (a ``train_config`` dict makes the recipe available as data).
     The optimizer state is saved only for the CLI's models (whose structure the metadata
-    rebuilds). ``overwrite`` as in check_output_dir: only a replaceable result of this tool
+    rebuilds). ``trajectory``: a TrajectoryState to keep (the CLI's MLP runs; its schedule, held-out
+    indices and profile go in ``meta["trajectory"]``). ``overwrite`` as in check_output_dir: only a replaceable result of this tool
     holding nothing else is ever replaced, a trained run never. ``extra_files`` (name -> text)
     are written inside it before it appears."""
     import orbax.checkpoint as ocp
@@ -481,6 +495,9 @@ def save_run(path: str | os.PathLike, *, params, snapshots, stats=None, removed=
         if objective is None:
             raise ValueError("save_run: for your own model pass objective= so that load_run can check that the "
                              "objective you restore against is the one the model was trained with")
+    if (trajectory is not None) != bool(meta.get("trajectory")) or (trajectory is not None and not builtin):
+        raise ValueError("save_run: a trajectory buffer is kept for the CLI's models only, with its schedule, "
+                         "held-out indices and profile in meta['trajectory']")
     if stats is not None and not isinstance(stats, cv.EKFAC):
         raise ValueError(f"save_run: stats must be EKFAC statistics (fit_stats) or None, got {type(stats).__name__}")
     removed = np.asarray(removed, np.int32).reshape(-1)
@@ -503,6 +520,8 @@ def save_run(path: str | os.PathLike, *, params, snapshots, stats=None, removed=
             tree["stats"] = stats
         if params0 is not None:
             tree["params0"] = params0
+        if trajectory is not None:
+            tree["trajectory"] = {"steps": trajectory.steps, "params": trajectory.params}
         mgr = ocp.CheckpointManager(tmp / "ckpt", options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
         mgr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                             meta=ocp.args.JsonSave(json.loads(json.dumps(meta, default=_json_default)))))
@@ -676,5 +695,10 @@ def load_run(path: str | os.PathLike, *, objective: Objective | None = None, lik
     if removed.shape != (int(meta.get("n_removed_total", 0)),):
         raise CheckpointError(f"{path}/removed.npy holds {removed.size} indices but run.json records "
                               f"{meta.get('n_removed_total')}; the run is corrupted")
+    trajectory = None
+    if "trajectory" in state:
+        from ..core.snapshots import TrajectoryState
+
+        trajectory = TrajectoryState(state["trajectory"]["steps"], state["trajectory"]["params"], ())
     return Run(state["params"], state.get("opt_state"), state["snapshots"], stats, removed, meta, objective, model,
-               state.get("params0"))
+               state.get("params0"), trajectory)

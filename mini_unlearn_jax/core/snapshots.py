@@ -23,6 +23,10 @@ The contract, for a training loop of your own (what the solver assumes):
    entry replaces that entry, so the final write never wastes a slot on a duplicate.
 
 ``update`` checks at trace time that the gradient has the parameters' tree structure and shapes.
+
+The second policy, for non-convex training (:func:`trajectory_buffer`): ``K`` parameter
+snapshots at a fixed log-spaced schedule of steps (:func:`log_schedule`), so the early part of
+training survives at a fixed ``K``; trajectory unlearning rewinds along it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Params = Any
 
@@ -123,3 +128,74 @@ def latest(state: SnapshotState) -> tuple[Params, Params]:
 def nbytes(tree) -> int:
     """Bytes held by the arrays of a pytree."""
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+# -- the trajectory buffer (log-spaced parameter snapshots) ------------------------------------
+
+
+def log_schedule(total_steps: int, size: int, *, first: int = 1) -> tuple[int, ...]:
+    """``size`` distinct steps ``0 = s_0 < s_1 < ... < s_{K-1} = total_steps``, geometric from ``first``.
+
+    Rounding collisions are pushed up to the next free step, so the early steps stay dense.
+    """
+    if size < 2:
+        raise ValueError(f"a log schedule needs size >= 2 (step 0 and the last step), got {size}")
+    if first < 1 or total_steps < max(first, size - 1):
+        raise ValueError(f"cannot place {size} distinct steps from {first} to {total_steps}")
+    ratio = (total_steps / first) ** (1.0 / max(size - 2, 1))
+    raw = [0] + [int(round(first * ratio**i)) for i in range(size - 1)]
+    raw[-1] = total_steps
+    out = [0]
+    for i, s in enumerate(raw[1:], start=1):
+        out.append(min(max(s, out[-1] + 1), total_steps - (size - 1 - i)))
+    return tuple(out)
+
+
+class TrajectoryState(NamedTuple):
+    """The buffer: ``steps[K]`` (-1 where not written yet), ``params`` with leaves ``[K, ...]`` and
+    ``opt_state`` (leaves ``[K, ...]``, or ``()`` when the buffer keeps no optimizer state)."""
+
+    steps: jax.Array
+    params: Params
+    opt_state: Any
+
+
+class TrajectoryBuffer(NamedTuple):
+    """``init(params, opt_state=None)`` and ``update(state, step, params, opt_state=None)``, pure."""
+
+    init: Callable[..., TrajectoryState]
+    update: Callable[..., TrajectoryState]
+    schedule: tuple[int, ...]
+
+
+def trajectory_buffer(schedule, *, with_opt_state: bool = False) -> TrajectoryBuffer:
+    """A buffer that keeps ``w_t`` (and the optimizer state at ``t``) for ``t`` in ``schedule``.
+
+    Slot ``i`` holds step ``schedule[i]``; ``update`` at any other step returns the state
+    unchanged (a ``lax.cond``), so it can run at every step of a ``lax.scan``. Memory:
+    ``K * |w|`` numbers (``3 K |w|`` with Adam's state).
+    """
+    sched = tuple(int(s) for s in schedule)
+    if not sched or sched[0] < 0 or any(b <= a for a, b in zip(sched, sched[1:], strict=False)):
+        raise ValueError(f"schedule must be strictly increasing non-negative steps, got {sched}")
+    K = len(sched)
+    table = np.asarray(sched, np.int32)
+
+    def init(params: Params, opt_state: Any = None) -> TrajectoryState:
+        stack = lambda a: jnp.zeros((K,) + jnp.shape(a), jnp.result_type(a))
+        opt = jax.tree.map(stack, opt_state) if with_opt_state else ()
+        return TrajectoryState(jnp.full((K,), -1, jnp.int32), jax.tree.map(stack, params), opt)
+
+    def update(state: TrajectoryState, step, params: Params, opt_state: Any = None) -> TrajectoryState:
+        step = jnp.asarray(step, jnp.int32)
+        slot = jnp.clip(jnp.searchsorted(jnp.asarray(table), step), 0, K - 1)
+        hit = jnp.asarray(table)[slot] == step
+
+        def write(s: TrajectoryState) -> TrajectoryState:
+            put = lambda buf, v: buf.at[slot].set(jnp.asarray(v).astype(buf.dtype))
+            opt = jax.tree.map(put, s.opt_state, opt_state) if with_opt_state else ()
+            return TrajectoryState(s.steps.at[slot].set(step), jax.tree.map(put, s.params, params), opt)
+
+        return jax.lax.cond(hit, write, lambda s: s, state)
+
+    return TrajectoryBuffer(init, update, sched)

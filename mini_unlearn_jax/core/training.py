@@ -20,7 +20,7 @@ import optax
 
 from . import aot
 from .models import Objective
-from .snapshots import SnapshotBuffer, SnapshotState, snapshot_buffer
+from .snapshots import SnapshotBuffer, SnapshotState, TrajectoryBuffer, snapshot_buffer
 
 Params = Any
 
@@ -79,6 +79,7 @@ class TrainState(NamedTuple):
     opt_state: Any
     snapshots: SnapshotState
     grad_norm: jax.Array  # norm of the full objective's gradient at the last full-batch step
+    trajectory: Any = ()  # a TrajectoryState when the Trainer keeps a trajectory buffer
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
@@ -111,9 +112,12 @@ def batch_indices(step, n: int, batch_size: int | None, seed: int) -> tuple[jax.
 class Trainer:
     """Holds the compiled step functions for one (objective, recipe); pure underneath."""
 
-    def __init__(self, objective: Objective, cfg: TrainConfig):
+    def __init__(self, objective: Objective, cfg: TrainConfig, *, trajectory: TrajectoryBuffer | None = None):
+        """``trajectory``: a :func:`~mini_unlearn_jax.core.snapshots.trajectory_buffer` to fill as
+        well (``w_t`` after step ``t`` for ``t`` in its schedule, and ``w_0``); None: none."""
         self.objective = objective
         self.cfg = cfg
+        self.trajectory = trajectory
         self.opt = make_optimizer(cfg)
         self.buffer: SnapshotBuffer = snapshot_buffer(cfg.snapshots, cfg.snapshot_every)
         self._run_chunk = jax.jit(self._chunk, static_argnames=("length",))
@@ -125,7 +129,8 @@ class Trainer:
         """Run ``fn`` through an ahead-of-time compiled executable, timing compilation apart.
 
         Executables are shared by every Trainer of the same (objective, recipe) in the process."""
-        key = (self.objective, self.cfg, name, tuple(sorted(static.items())), aot.signature(args))
+        sched = None if self.trajectory is None else self.trajectory.schedule
+        key = (self.objective, self.cfg, sched, name, tuple(sorted(static.items())), aot.signature(args))
         exe, seconds = aot.compiled(key, lambda: fn.lower(*args, **static))
         self.compile_s += seconds
         return exe(*args)
@@ -136,12 +141,17 @@ class Trainer:
         return jax.grad(self.objective.data_loss)(params, x, y, weights)
 
     def init(self, params: Params) -> TrainState:
+        opt_state = self.opt.init(params)
+        traj = ()
+        if self.trajectory is not None:
+            traj = self.trajectory.update(self.trajectory.init(params, opt_state), 0, params, opt_state)
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
-            opt_state=self.opt.init(params),
+            opt_state=opt_state,
             snapshots=self.buffer.init(params),
             grad_norm=jnp.asarray(jnp.inf, jnp.float32),
+            trajectory=traj,
         )
 
     def step(self, state: TrainState, x, y, weights) -> TrainState:
@@ -172,7 +182,10 @@ class Trainer:
             )
             gnorm = state.grad_norm
         params = optax.apply_updates(state.params, updates)
-        return TrainState(state.step + 1, params, opt_state, snaps, gnorm)
+        traj = state.trajectory
+        if self.trajectory is not None:
+            traj = self.trajectory.update(traj, state.step + 1, params, opt_state)
+        return TrainState(state.step + 1, params, opt_state, snaps, gnorm, traj)
 
     def finish(self, state: TrainState, x, y, weights) -> TrainState:
         """Canonicalise the final parameters and record ``(T, w*, grad G_D(w*))`` in the buffer."""

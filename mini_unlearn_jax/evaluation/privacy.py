@@ -375,11 +375,13 @@ def summarize(report: Mapping[str, Any], attacks: tuple[str, ...] = PLOT_ATTACKS
 
 
 def mia_for_report(problem: Any, ds: Any, forget_local: Any, unlearned_params: Params,
-                   retrain_params: Params | None, original_params: Params, *, seed: int = 0) -> dict[str, Any]:
+                   retrain_params: Params | None, original_params: Params, *, seed: int = 0,
+                   nonmembers: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """Loss-attack MIA of the original, retrained and unlearned models for an unlearn report.
 
-    Members are ``problem.x[forget_local]``, non-members ``ds.x_test`` subsampled to the same
-    count. ``retrain_params`` may be None (then only original and unlearned are attacked).
+    Members are ``problem.x[forget_local]``, non-members ``ds.x_test`` (or ``nonmembers``, an
+    ``(x, y)`` pair: e.g. the test set without a held-out split a method used) subsampled to the
+    same count. ``retrain_params`` may be None (then only original and unlearned are attacked).
 
     Returns:
       ``{"attack": "loss", "n_members", "n_nonmembers", "original": {...}, "retrain": {...},
@@ -391,7 +393,8 @@ def mia_for_report(problem: Any, ds: Any, forget_local: Any, unlearned_params: P
     models = {"original": original_params, "unlearned": unlearned_params}
     if retrain_params is not None:
         models["retrain"] = retrain_params
-    res = default_mia(problem.objective, models, x[idx], y[idx], ds.x_test, ds.y_test, seed=seed)
+    x_non, y_non = nonmembers if nonmembers is not None else (ds.x_test, ds.y_test)
+    res = default_mia(problem.objective, models, x[idx], y[idx], x_non, y_non, seed=seed)
     keys = ("auc", "advantage", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "auc_se")
     first = next(iter(res.values()))
     out: dict[str, Any] = {"attack": A.DEFAULT_ATTACK, "n_members": first["n_members"],

@@ -1,0 +1,87 @@
+"""The command line on an MLP: `train --model mlp` keeps a trajectory buffer, and `unlearn
+--method mini` runs trajectory unlearning on it (issue 10), end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mini_unlearn_jax.app import cli
+from mini_unlearn_jax.app.checkpoint import load_run
+
+SPEC = "synthetic:n=600,n_test=400,d=20,classes=3,seed=1,sep=0.5"
+
+
+def _json(capsys, argv) -> tuple[int, dict]:
+    capsys.readouterr()
+    code = cli.main(argv)
+    return code, json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_mlp")
+    run = root / "run"
+    assert cli.main(["train", "--data", SPEC, "--model", "mlp", "--hidden", "64", "--l2", "1e-5",
+                     "--steps", "300", "--batch-size", "64", "--out", str(run)]) == 0
+    return root, run
+
+
+def test_train_keeps_a_log_spaced_trajectory_and_a_held_out_split(trained):
+    _, run_dir = trained
+    run = load_run(run_dir)
+    meta = run.meta["trajectory"]
+    sched = meta["schedule"]
+    assert len(sched) == cli.TRAJECTORY_SIZE and sched[0] == 0 and sched[-1] == 300
+    assert list(np.asarray(run.trajectory.steps)) == sched  # every slot written, at its step
+    assert len(meta["val_indices"]) == min(cli.VALIDATION_SIZE, 400 // 2) and len(meta["profile"]) == len(sched)
+    assert np.all(np.diff(sched) > 0) and sched[1] - sched[0] < sched[-1] - sched[-2]  # dense early
+    # the last slot is the trained model itself
+    last = {k: np.asarray(v)[-1] for k, v in run.trajectory.params["Dense_1"].items()}
+    np.testing.assert_array_equal(last["kernel"], np.asarray(run.params["Dense_1"]["kernel"]))
+    assert cli.nonmember_indices(run.meta, 400).size == 400 - len(meta["val_indices"])
+
+
+def test_mini_on_an_mlp_is_trajectory_unlearning_close_to_retraining(trained, capsys):
+    root, run_dir = trained
+    out = root / "unl"
+    code, rep = _json(capsys, ["unlearn", "--run", str(run_dir), "--ratio", "0.2", "--compare-retrain", "--mia",
+                               "--out", str(out), "--json"])
+    assert code == 0 and rep["converged"], rep["reason"]
+    assert rep["method"] == "mini" and rep["details"]["solver"] == "trajectory"
+    assert rep["caveat"] == cli.TRAJECTORY_CAVEAT
+    assert 0 <= rep["details"]["rewind_step"] < 300
+    # the rewound run retrains 7.5 % of the recipe's steps: far less than retraining's 300
+    assert rep["details"]["steps"] == round(0.075 * 300)
+    assert abs(rep["test_acc"] - rep["retrain_test_acc"]) < 0.05
+    # MIA non-members never include the held-out split the method read
+    assert rep["mia"]["n_nonmembers"] <= 400 - len(load_run(run_dir).meta["trajectory"]["val_indices"])
+    # a second request on the result: the refreshed trajectory travels with it
+    out2 = root / "unl2"
+    code, rep2 = _json(capsys, ["unlearn", "--run", str(out), "--ratio", "0.1", "--out", str(out2), "--json"])
+    assert code == 0 and rep2["details"]["solver"] == "trajectory"
+    second = load_run(out2)
+    assert second.trajectory is not None and len(second.meta["ledger"]) == 2
+    # its last slot is the new model (the next request's calibration target); the early slots stay
+    np.testing.assert_array_equal(np.asarray(second.trajectory.params["Dense_1"]["kernel"])[-1],
+                                  np.asarray(second.params["Dense_1"]["kernel"]))
+    np.testing.assert_array_equal(np.asarray(second.trajectory.params["Dense_0"]["kernel"])[:3],
+                                  np.asarray(load_run(run_dir).trajectory.params["Dense_0"]["kernel"])[:3])
+
+
+def test_the_fixed_point_variants_keep_their_caveat_on_an_mlp(trained, capsys):
+    root, run_dir = trained
+    code, rep = _json(capsys, ["unlearn", "--run", str(run_dir), "--method", "mini-lite", "--ratio", "0.1",
+                               "--out", str(root / "lite"), "--json"])
+    assert rep["details"]["solver"] == "fixed-point" and rep["caveat"] == cli.NONCONVEX_CAVEAT
+    assert code in (0, cli.EXIT_NOT_CONVERGED)
+
+
+def test_method_help_lists_the_registry():
+    from mini_unlearn_jax.core import methods as M
+
+    sub = " ".join(cli.build_parser()._subparsers._group_actions[0].choices["unlearn"].format_help().split())
+    for name in M.METHODS:
+        assert f"{name}:" in sub  # every registered method, with its summary
