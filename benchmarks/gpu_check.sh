@@ -9,9 +9,13 @@ cd "$(dirname "$0")/.."
 # the project's virtualenv when there is one (bash .ci/setup main), else $PYTHON or python3
 PY="${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}"
 "$PY" - <<'PY'
-import os, time, sys, json
-import jax, jax.numpy as jnp, numpy as np
-import mini_unlearn_jax as mu
+import os
+import time
+
+import jax
+import numpy as np
+
+from mini_unlearn_jax.app.recipes import build_problem
 from mini_unlearn_jax.core import methods as M
 
 print("devices:", jax.devices(), "| jax", jax.__version__, flush=True)
@@ -22,14 +26,8 @@ except Exception:
 
 def bench(spec, model_name, l2, ratios, methods, hidden=256):
     t0 = time.perf_counter()
-    ds = mu.load_dataset(spec)
-    model = mu.build_model(model_name, ds.num_classes, hidden=hidden)
-    obj = mu.make_objective(model, l2)
-    cfg = mu.default_config(model_name, ds.n_train)
-    p0 = mu.init_params(model, ds.x_train[0], 0)
-    st = mu.Trainer(obj, cfg).fit(p0, ds.x_train, ds.y_train)
-    stats = mu.fit_stats(obj, st.params, ds.x_train)
-    pb = M.Problem(obj, cfg, p0, st.params, st.snapshots, stats, jnp.asarray(ds.x_train), jnp.asarray(ds.y_train))
+    tr = build_problem(spec, model_name, l2, hidden=hidden)  # the CLI's default recipe, seed 0
+    ds, pb = tr.dataset, tr.problem
     print(f"{model_name} on {spec}: trained in {time.perf_counter() - t0:.1f}s", flush=True)
     for ratio in ratios:
         forget = np.sort(np.random.default_rng(0).choice(ds.n_train, int(ratio * ds.n_train), replace=False))

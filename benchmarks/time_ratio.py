@@ -24,10 +24,9 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-import mini_unlearn_jax as mu
+from mini_unlearn_jax.app.recipes import build_problem
 from mini_unlearn_jax.core import methods as M
 from mini_unlearn_jax.core.snapshots import nbytes
 
@@ -37,15 +36,10 @@ def log(msg):
 
 
 def build(spec: str, model_name: str, l2: float, hidden: int = 256):
-    ds = mu.load_dataset(spec)
-    model = mu.build_model(model_name, ds.num_classes, hidden=hidden)
-    obj = mu.make_objective(model, l2)
-    cfg = mu.default_config(model_name, ds.n_train)
-    p0 = mu.init_params(model, ds.x_train[0], 0)
-    trainer = mu.Trainer(obj, cfg)
-    st = trainer.fit(p0, ds.x_train, ds.y_train)
-    stats = mu.fit_stats(obj, st.params, ds.x_train)
-    problem = M.Problem(obj, cfg, p0, st.params, st.snapshots, stats, jnp.asarray(ds.x_train), jnp.asarray(ds.y_train))
+    """The CLI's default recipe for ``model_name`` on ``spec`` (seed 0), with its memory footprint."""
+    tr = build_problem(spec, model_name, l2, hidden=hidden)
+    ds, problem, st = tr.dataset, tr.problem, tr.state
+    stats = problem.stats
     steps = int(st.step)
     dim = sum(a.size for a in jax.tree.leaves(st.params))
     mem = {"params_bytes": nbytes(st.params), "snapshot_buffer_bytes": nbytes(st.snapshots),

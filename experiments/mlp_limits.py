@@ -43,10 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from mini_unlearn_jax.app.data import load_dataset
+from mini_unlearn_jax.app import recipes
 from mini_unlearn_jax.core import methods as M
-from mini_unlearn_jax.core.models import build_model, init_params, make_objective
-from mini_unlearn_jax.core.training import TrainConfig, Trainer, default_config
+from mini_unlearn_jax.core.models import init_params
 from mini_unlearn_jax.evaluation import privacy as P
 from mini_unlearn_jax.evaluation.metrics import accuracy, mean_kl, predict_probs, rel_param_error
 
@@ -72,23 +71,21 @@ def parse() -> argparse.Namespace:
     return a
 
 
+# setting -> (recipe of mini_unlearn_jax/app/recipes.py, --quick: its data and recipe overrides)
+SETTINGS = {
+    "leaky": ("leaky-mlp", {"data": "fashion_mnist:n_train=400,n_test=1000", "steps": 200}),
+    "fidelity": ("fidelity-mlp", {"data": "fashion_mnist:n_train=1000,n_test=1000"}),
+}
+
+
 def setting(name: str, quick: bool):
-    """(dataset, model, objective, train config, forget-set rule) of a named setting."""
+    """(the trained recipe at seed 0, forget-set rule) of a named setting."""
     if name == "leaky":
-        n, l2, hidden = (400 if quick else 2000), 1e-5, 256
-        steps = 200 if quick else 1600
-        cfg = TrainConfig(optimizer="adam", learning_rate=1e-3, steps=steps, batch_size=128, tol=0.0, seed=0,
-                          snapshots=8, snapshot_every=max(1, steps // 8), chunk=min(400, steps))
         forget_rule = lambda n_, r: np.random.default_rng([0, r]).choice(n_, size=r, replace=False)  # privacy.py
     else:
-        n, l2, hidden = (1000 if quick else 10000), 1e-4, 256
-        cfg = None
         forget_rule = lambda n_, r: np.random.default_rng(0).choice(n_, r, replace=False)  # fidelity.py
-    ds = load_dataset(f"fashion_mnist:n_train={n}" + (",n_test=1000" if quick else ""))
-    model = build_model("mlp", ds.num_classes, hidden=hidden)
-    obj = make_objective(model, l2)
-    cfg = cfg or default_config("mlp", ds.n_train)
-    return ds, model, obj, cfg, forget_rule
+    recipe, quick_overrides = SETTINGS[name]
+    return recipes.recipe(recipe, 0, **(quick_overrides if quick else {})), forget_rule
 
 
 def grad_norm(obj, params, x, y, keep) -> tuple[float, float]:
@@ -99,14 +96,13 @@ def grad_norm(obj, params, x, y, keep) -> tuple[float, float]:
 
 
 def run_setting(name: str, args) -> dict:
-    ds, model, obj, cfg, forget_rule = setting(name, args.quick)
-    x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
+    log(f"{name}: training")
+    tr, forget_rule = setting(name, args.quick)
+    problem, ds, model = tr.problem, tr.dataset, tr.model
+    obj, cfg, x, y = problem.objective, problem.recipe, problem.x, problem.y
     n = ds.n_train
-    p0 = init_params(model, ds.x_train[0], 0)
-    log(f"{name}: training on {n} images ({cfg.optimizer}, {cfg.steps} steps)")
-    st = Trainer(obj, cfg).fit(p0, x, y)
-    problem = M.Problem(obj, cfg, p0, st.params, st.snapshots, None, x, y)
-    w_star = st.params
+    log(f"{name}: trained on {n} images ({cfg.optimizer}, {cfg.steps} steps)")
+    w_star = problem.params
     held = np.sort(np.random.default_rng(0).choice(len(ds.x_test), size=min(600, len(ds.x_test)), replace=False))
     x_held, y_held = ds.x_test[held], ds.y_test[held]
     out = {"n_train": n, "train_config": dataclasses.asdict(cfg), "l2": obj.l2,

@@ -33,14 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mini_unlearn_jax.app.data import load_dataset
+from mini_unlearn_jax.app import recipes
 from mini_unlearn_jax.core import methods as M
-from mini_unlearn_jax.core.models import build_model, init_params, make_objective
-from mini_unlearn_jax.core.training import TrainConfig, Trainer
 from mini_unlearn_jax.evaluation import attacks as A
 from mini_unlearn_jax.evaluation import privacy as P
 from mini_unlearn_jax.evaluation.metrics import accuracy, predict_probs
 
+RECIPE = "leaky-mlp"  # the setting (data, model, l2, Adam recipe): mini_unlearn_jax/app/recipes.py
 METHODS = ("mini", "mini-lite", "mini-plus", "newton", "finetune", "neggrad")
 ATTACKS = ("loss", "lira_online")
 ATTACK_LABEL = {"loss": "loss", "lira_online": "LiRA online"}
@@ -54,12 +53,13 @@ def log(msg: str) -> None:
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n-train", type=int, default=2000)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--l2", type=float, default=1e-5)
-    p.add_argument("--steps", type=int, default=1600, help="Adam steps (batch 128): 1600 = 102 epochs")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    # left out, the six below are the recipe's (filled in from the trained problem)
+    p.add_argument("--n-train", type=int, help=f"first N Fashion-MNIST training images (default: {RECIPE}'s)")
+    p.add_argument("--hidden", type=int, help=f"MLP width (default: {RECIPE}'s)")
+    p.add_argument("--l2", type=float, help=f"l2 penalty (default: {RECIPE}'s)")
+    p.add_argument("--steps", type=int, help=f"Adam steps (default: {RECIPE}'s)")
+    p.add_argument("--batch-size", type=int, help=f"Adam batch size (default: {RECIPE}'s)")
+    p.add_argument("--lr", type=float, help=f"Adam learning rate (default: {RECIPE}'s)")
     p.add_argument("--dg-lr", type=float, default=0.3, help="DeltaGrad's SGD learning rate")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.3])
     p.add_argument("--n-heldout", type=int, default=600, help="held-out test images in the shadow pool")
@@ -72,6 +72,18 @@ def parse() -> argparse.Namespace:
     if a.quick:
         a.n_train, a.steps, a.shadows, a.ratios, a.n_heldout, a.boot = 400, 200, 4, [0.1], 100, 200
     return a
+
+
+def train(args: argparse.Namespace) -> recipes.Trained:
+    """The recipe with the given arguments replacing its values; fills the others into ``args``."""
+    given = {"hidden": args.hidden, "l2": args.l2, "steps": args.steps, "batch_size": args.batch_size,
+             "learning_rate": args.lr}
+    data = None if args.n_train is None else f"fashion_mnist:n_train={args.n_train}"
+    tr = recipes.recipe(RECIPE, args.seed, data=data, **{k: v for k, v in given.items() if v is not None})
+    cfg = tr.problem.recipe
+    args.n_train, args.hidden, args.l2 = tr.dataset.n_train, tr.model.hidden, tr.problem.objective.l2
+    args.steps, args.batch_size, args.lr = cfg.steps, cfg.batch_size, cfg.learning_rate
+    return tr
 
 
 def model_stats(objective, params, ds, x, y, forget) -> dict:
@@ -175,22 +187,15 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    ds = load_dataset(f"fashion_mnist:n_train={args.n_train}")
-    model = build_model("mlp", ds.num_classes, hidden=args.hidden)
-    objective = make_objective(model, args.l2)
-    cfg = TrainConfig(optimizer="adam", learning_rate=args.lr, steps=args.steps, batch_size=args.batch_size,
-                      tol=0.0, seed=args.seed, snapshots=8, snapshot_every=max(1, args.steps // 8),
-                      chunk=min(400, args.steps))
-    params0 = init_params(model, ds.x_train[0], args.seed)
+    log(f"training the MLP ({RECIPE} recipe) ...")
+    tr = train(args)
+    problem, ds, model, objective, cfg = tr.problem, tr.dataset, tr.model, tr.problem.objective, tr.problem.recipe
+    log(f"  {args.steps} Adam steps on {args.n_train} images")
     x, y = ds.x_train, ds.y_train
-    xj, yj = jnp.asarray(x), jnp.asarray(y)
-    log(f"training the MLP: {args.steps} Adam steps on {args.n_train} images ...")
-    state = Trainer(objective, cfg).fit(params0, xj, yj)
-    w_star = state.params
+    w_star = problem.params
     setting = {"train_acc": accuracy(predict_probs(objective, w_star, x), y),
                "test_acc": accuracy(predict_probs(objective, w_star, ds.x_test), ds.y_test)}
     log(f"train acc {setting['train_acc']:.4f}, test acc {setting['test_acc']:.4f}")
-    problem = M.Problem(objective, cfg, params0, w_star, state.snapshots, None, xj, yj)
     dg_cfg = M.deltagrad_config(problem, lr=args.dg_lr)
 
     rng = np.random.default_rng(args.seed)
