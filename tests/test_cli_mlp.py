@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from mini_unlearn_jax.app import cli
+from mini_unlearn_jax.app import cli, recipes
 from mini_unlearn_jax.app.checkpoint import load_run
 
 SPEC = "synthetic:n=600,n_test=400,d=20,classes=3,seed=1,sep=0.5"
@@ -34,9 +34,9 @@ def test_train_keeps_a_log_spaced_trajectory_and_a_held_out_split(trained):
     run = load_run(run_dir)
     meta = run.meta["trajectory"]
     sched = meta["schedule"]
-    assert len(sched) == cli.TRAJECTORY_SIZE and sched[0] == 0 and sched[-1] == 300
+    assert len(sched) == recipes.TRAJECTORY_SIZE and sched[0] == 0 and sched[-1] == 300
     assert list(np.asarray(run.trajectory.steps)) == sched  # every slot written, at its step
-    assert len(meta["val_indices"]) == min(cli.VALIDATION_SIZE, 400 // 2) and len(meta["profile"]) == len(sched)
+    assert len(meta["val_indices"]) == min(recipes.VALIDATION_SIZE, 400 // 2) and len(meta["profile"]) == len(sched)
     assert np.all(np.diff(sched) > 0) and sched[1] - sched[0] < sched[-1] - sched[-2]  # dense early
     # the last slot is the trained model itself
     last = {k: np.asarray(v)[-1] for k, v in run.trajectory.params["Dense_1"].items()}

@@ -58,17 +58,6 @@ class UsageError(Exception):
 # -- train ----------------------------------------------------------------------------------
 
 
-TRAJECTORY_SIZE = 12  # snapshots in an MLP run's trajectory buffer (log-spaced steps)
-VALIDATION_SIZE = 500  # held-out test images a trajectory run calibrates on (at most half the test set)
-
-
-def validation_indices(n_test: int, seed: int) -> np.ndarray:
-    """The held-out split of an MLP run: a seeded sample of the test set, used by trajectory
-    unlearning (rewind rule, calibration) and therefore never used as MIA non-members."""
-    size = min(VALIDATION_SIZE, n_test // 2)
-    return np.sort(np.random.default_rng([seed, 17]).choice(n_test, size=size, replace=False)).astype(np.int32)
-
-
 def nonmember_indices(meta: dict, n_test: int) -> np.ndarray:
     """Test images an attack may use as non-members: all but a trajectory run's held-out split."""
     val = (meta.get("trajectory") or {}).get("val_indices", [])
@@ -77,23 +66,19 @@ def nonmember_indices(meta: dict, n_test: int) -> np.ndarray:
 
 def cmd_train(args) -> int:
     import jax
-    import jax.numpy as jnp
 
-    from ..core import linalg as cv
-    from ..core.models import build_model, init_params, make_objective
     from ..core.snapshots import nbytes
-    from ..core.training import Trainer, default_config
+    from ..core.training import default_config
     from ..evaluation.metrics import accuracy, predict_probs
     from . import checkpoint as ck
     from .data import load_dataset
+    from .recipes import build_problem
 
     out = Path(args.out)
     ck.check_output_dir(out)  # a new or empty directory only: train never replaces anything
     if not (args.l2 >= 0 and np.isfinite(args.l2)):
         raise UsageError(f"--l2 must be a finite number >= 0, got {args.l2}")
     ds = load_dataset(args.data)
-    model = build_model(args.model, ds.num_classes, hidden=args.hidden)
-    objective = make_objective(model, args.l2, penalize_bias=args.penalize_bias)
     cfg = default_config(args.model, ds.n_train, seed=args.seed)
     overrides = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "snapshots": args.snapshots,
                                    "learning_rate": args.lr, "optimizer": args.optimizer}.items() if v is not None}
@@ -105,32 +90,22 @@ def cmd_train(args) -> int:
         cfg = dataclasses.replace(cfg, **overrides)
         if "steps" in overrides and cfg.batch_size is not None and "snapshot_every" not in overrides:
             cfg = dataclasses.replace(cfg, snapshot_every=max(1, cfg.steps // cfg.snapshots))
-    params0 = init_params(model, ds.x_train[0], args.seed)
+    # non-convex mini-batch training also keeps a trajectory buffer: `mini` unlearns along it
+    keeps_trajectory = args.model != "logreg" and cfg.batch_size is not None and cfg.optimizer != "lbfgs"
     log(f"training {args.model} on {args.data}: n={ds.n_train}, {ds.num_classes} classes, l2={args.l2}, "
         f"{cfg.optimizer} {'full batch' if cfg.batch_size is None else f'batch {cfg.batch_size}'}, up to {cfg.steps} steps")
-    keeps_trajectory = args.model != "logreg" and cfg.batch_size is not None and cfg.optimizer != "lbfgs"
-    traj_buf = None
-    if keeps_trajectory:  # non-convex mini-batch training: `mini` will unlearn along this trajectory
-        from ..core.snapshots import log_schedule, trajectory_buffer
-
-        traj_buf = trajectory_buffer(log_schedule(cfg.steps, min(TRAJECTORY_SIZE, cfg.steps + 1)))
-    trainer = Trainer(objective, cfg, trajectory=traj_buf)
-    t0 = time.perf_counter()
-    state = trainer.fit(params0, ds.x_train, ds.y_train, verbose=True)
-    jax.block_until_ready(state.params)
-    train_s = time.perf_counter() - t0 - trainer.compile_s
-    stats = cv.fit_stats(objective, state.params, ds.x_train)
+    trained = build_problem(ds, args.model, args.l2, args.seed, hidden=args.hidden, penalize_bias=args.penalize_bias,
+                            config=cfg, verbose=True, trajectory=keeps_trajectory)
+    state, stats, objective = trained.state, trained.problem.stats, trained.problem.objective
+    train_s, compile_s = trained.train_s, trained.train_compile_s
     traj_meta = None
     if keeps_trajectory:
-        from ..core.trajectory import memorisation_profile
-
-        val = validation_indices(len(ds.x_test), args.seed)
-        profile = memorisation_profile(objective, state.trajectory, jnp.asarray(ds.x_train), jnp.asarray(ds.y_train),
-                                       jnp.asarray(ds.x_test[val]), jnp.asarray(ds.y_test[val]))
-        traj_meta = {"schedule": list(traj_buf.schedule), "val_split": "test", "val_indices": val.tolist(),
-                     "profile": [float(v) for v in np.asarray(profile)]}
-        log(f"trajectory buffer: {len(traj_buf.schedule)} snapshots at steps {list(traj_buf.schedule)}; "
-            f"held-out split: {val.size} test images (never MIA non-members)")
+        data = trained.problem.extras["trajectory"]
+        schedule = [int(s) for s in np.asarray(data.state.steps)]
+        traj_meta = {"schedule": schedule, "val_split": "test", "val_indices": trained.val_indices.tolist(),
+                     "profile": [float(v) for v in np.asarray(data.profile)]}
+        log(f"trajectory buffer: {len(schedule)} snapshots at steps {schedule}; held-out split: "
+            f"{trained.val_indices.size} test images (never MIA non-members)")
     p_train = predict_probs(objective, state.params, ds.x_train)
     p_test = predict_probs(objective, state.params, ds.x_test)
     param_count = int(sum(a.size for a in jax.tree.leaves(state.params)))
@@ -142,7 +117,7 @@ def cmd_train(args) -> int:
         "data_spec": args.data, "data_fingerprint": ds.fingerprint(), "n_train_original": ds.n_train,
         "n_train": ds.n_train,
         "train_config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
-        "train_time_s": train_s, "compile_s": trainer.compile_s, "steps_run": int(state.step),
+        "train_time_s": train_s, "compile_s": compile_s, "steps_run": int(state.step),
         "final_grad_norm": float(state.grad_norm),
         "train_acc": accuracy(p_train, ds.y_train), "test_acc": accuracy(p_test, ds.y_test),
         "param_count": param_count, "param_bytes": nbytes(state.params),
@@ -158,7 +133,7 @@ def cmd_train(args) -> int:
                 trajectory=state.trajectory if keeps_trajectory else None)
     log(f"params {param_count} ({meta['param_bytes']} B), snapshot buffer {meta['snapshot_buffer_bytes']} B "
         f"(K={cfg.snapshots}), curvature stats {meta['curvature_stats_bytes']} B")
-    print(f"trained {args.model} on {args.data} (n={ds.n_train}) in {train_s:.1f}s (+{trainer.compile_s:.1f}s "
+    print(f"trained {args.model} on {args.data} (n={ds.n_train}) in {train_s:.1f}s (+{compile_s:.1f}s "
           f"compile): train acc {meta['train_acc']:.4f}, test acc {meta['test_acc']:.4f}; command "
           f"{process_wall_s():.1f}s -> {out}")
     return 0

@@ -13,10 +13,13 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ..core import linalg as cv
+from ..core import trajectory as tj
 from ..core.models import build_model, init_params, make_objective
 from ..core.problem import Problem
+from ..core.snapshots import log_schedule, trajectory_buffer
 from ..core.training import TrainConfig, Trainer, TrainState, default_config
 from .data import Dataset, load_dataset
 
@@ -24,22 +27,43 @@ from .data import Dataset, load_dataset
 class Trained(NamedTuple):
     """What :func:`build_problem` returns."""
 
-    problem: Problem  # objective, recipe, params0, w*, snapshot buffer, EKFAC stats (logreg), data
+    problem: Problem  # objective, recipe, params0, w*, buffers, EKFAC stats (logreg), data, extras
     dataset: Dataset
     model: Any  # the flax module
     state: TrainState  # the final training state (optimizer state, steps run, gradient norm)
     train_s: float  # training wall seconds, compilation excluded
     train_compile_s: float
     stats_s: float  # fitting the curvature statistics (0 without them)
+    val_indices: np.ndarray | None = None  # the held-out test images of a trajectory run
+
+
+TRAJECTORY_SIZE = 12  # snapshots in a trajectory buffer (log-spaced steps)
+VALIDATION_SIZE = 500  # held-out test images trajectory unlearning reads (at most half the test set)
+
+
+def validation_indices(n_test: int, seed: int) -> np.ndarray:
+    """The held-out split of a trajectory run: a seeded sample of ``min(500, n_test // 2)`` test
+    images, read by trajectory unlearning (rewind rule, calibration) and therefore never used as
+    membership-inference non-members."""
+    size = min(VALIDATION_SIZE, n_test // 2)
+    return np.sort(np.random.default_rng([seed, 17]).choice(n_test, size=size, replace=False)).astype(np.int32)
 
 
 def build_problem(data: str | Dataset, model: str, l2: float, seed: int = 0, *, hidden: int = 256,
                   penalize_bias: bool = False, config: TrainConfig | None = None, verbose: bool = False,
-                  **overrides) -> Trained:
+                  trajectory: bool | dict | None = None, val_indices=None, **overrides) -> Trained:
     """Load ``data`` (a spec for :func:`load_dataset`, or a Dataset), train ``model`` (``"logreg"``
     or ``"mlp"``) with the recipe ``config`` (default: :func:`default_config` for the model and
     data size at ``seed``, with ``overrides`` replacing its fields), fit curvature statistics
-    where the model has them, and return the :class:`Problem` with what it cost."""
+    where the model has them, and return the :class:`Problem` with what it cost.
+
+    ``trajectory`` (True, or a dict with ``size``, ``schedule``, ``with_opt_state`` and
+    ``keep_snapshots``, default True) also fills a trajectory buffer during the same training
+    steps, and puts a :class:`~mini_unlearn_jax.core.trajectory.TrajectoryData` in
+    ``problem.extras["trajectory"]`` (the buffer, the held-out split ``val_indices`` of the test
+    set -- default :func:`validation_indices` -- and its memorisation profile), so ``mini`` runs
+    trajectory unlearning. ``keep_snapshots=False`` leaves the gradient buffer empty (no
+    full-data gradient passes; ``problem.snapshots`` is then None)."""
     ds = load_dataset(data) if isinstance(data, str) else data
     module = build_model(model, ds.num_classes, hidden=hidden)
     objective = make_objective(module, l2, penalize_bias=penalize_bias)
@@ -48,7 +72,20 @@ def build_problem(data: str | Dataset, model: str, l2: float, seed: int = 0, *, 
         cfg = dataclasses.replace(cfg, **overrides)
     params0 = init_params(module, ds.x_train[0], cfg.seed)
     x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
-    trainer = Trainer(objective, cfg)
+    buf, train_cfg = None, cfg
+    if trajectory:
+        opts = {} if trajectory is True else dict(trajectory)
+        size, schedule = opts.pop("size", TRAJECTORY_SIZE), opts.pop("schedule", None)
+        with_opt_state, keep = opts.pop("with_opt_state", False), opts.pop("keep_snapshots", True)
+        if opts:
+            raise ValueError(f"unknown trajectory options {sorted(opts)}: size, schedule, with_opt_state, keep_snapshots")
+        if cfg.batch_size is None or cfg.optimizer == "lbfgs":
+            raise ValueError("a trajectory buffer is for mini-batch recipes (adam or sgd with a batch size)")
+        schedule = tuple(schedule) if schedule is not None else log_schedule(cfg.steps, min(size, cfg.steps + 1))
+        buf = trajectory_buffer(schedule, with_opt_state=with_opt_state)
+        if not keep:  # one slot, never written after step 0: no full-data gradient passes
+            train_cfg = dataclasses.replace(cfg, snapshots=1, snapshot_every=cfg.steps + 1)
+    trainer = Trainer(objective, train_cfg, trajectory=buf)
     t0 = time.perf_counter()
     state = trainer.fit(params0, x, y, verbose=verbose)
     jax.block_until_ready(state.params)
@@ -56,8 +93,15 @@ def build_problem(data: str | Dataset, model: str, l2: float, seed: int = 0, *, 
     t0 = time.perf_counter()
     stats = cv.fit_stats(objective, state.params, x)
     stats_s = time.perf_counter() - t0 if stats is not None else 0.0
-    problem = Problem(objective, cfg, params0, state.params, state.snapshots, stats, x, y)
-    return Trained(problem, ds, module, state, train_s, trainer.compile_s, stats_s)
+    extras, vi = {}, None
+    if buf is not None:
+        vi = validation_indices(len(ds.x_test), seed) if val_indices is None else np.asarray(val_indices, np.int32)
+        x_val, y_val = jnp.asarray(ds.x_test[vi]), jnp.asarray(ds.y_test[vi])
+        profile = tj.memorisation_profile(objective, state.trajectory, x, y, x_val, y_val)
+        extras["trajectory"] = tj.TrajectoryData(state.trajectory, x_val, y_val, profile)
+    snapshots = state.snapshots if train_cfg is cfg else None
+    problem = Problem(objective, cfg, params0, state.params, snapshots, stats, x, y, extras)
+    return Trained(problem, ds, module, state, train_s, trainer.compile_s, stats_s, vi)
 
 
 def _adam(steps: int, seed: int, batch_size: int = 128, lr: float = 1e-3) -> TrainConfig:
@@ -78,10 +122,12 @@ RECIPES: dict[str, tuple[str, str, float, int, Any]] = {
 
 def recipe(name: str, seed: int = 0, *, data: str | Dataset | None = None, **overrides) -> Trained:
     """Train the named setting of :data:`RECIPES` (``data`` replaces its data spec, e.g. a smaller
-    subset for a smoke run; ``overrides`` replace recipe fields such as ``steps``)."""
+    subset for a smoke run; ``overrides`` replace ``l2``, ``hidden`` or recipe fields such as
+    ``steps``, or pass :func:`build_problem`'s keywords)."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}: choose one of {', '.join(RECIPES)}")
     spec, model, l2, hidden, make_cfg = RECIPES[name]
+    l2, hidden = overrides.pop("l2", l2), overrides.pop("hidden", hidden)
     config = make_cfg(seed) if make_cfg is not None else None
     if config is not None and "steps" in overrides:  # snapshots stay spread over the shorter run
         config = _adam(int(overrides.pop("steps")), seed, config.batch_size, config.learning_rate)
