@@ -1,27 +1,54 @@
 """A resumable experiment grid: datasets x models x methods x ratios x seeds.
 
-The grid is described by a TOML file (see ``experiments/grid.toml``)::
+The grid is a :class:`GridConfig`, written in a TOML file (see ``experiments/grid.toml`` and
+``experiments/fidelity.toml``) or built in Python and passed to :func:`run_grid`::
 
     out = "experiments/results/grid"
     seeds = [0, 1, 2]
-    ratios = [0.01, 0.05, 0.1, 0.2, 0.3, 0.5]   # plus "class0" (a whole class) and "seq5x0.1"
-    methods = ["mini", "mini-lite", ...]
+    ratios = [0.01, "5%", 0.1, "class0", "seq5x0.1"]   # fractions, percents, classK, seqMxF
+    methods = ["mini", "mini-lite", "deltagrad", "deltagrad:lr=0.1"]
     mia = true
     [[models]]
     data = "fashion_mnist:n_train=10000"
     model = "logreg"
     l2 = 1e-3
 
-Every cell (data, model, seed, ratio, method) becomes one row of ``results.jsonl``, appended
-as soon as it is done, so an interrupted run resumes where it stopped (cells already present
-are skipped; several workers with disjoint configs may share one output directory).
-:func:`write_reports` turns the rows into ``results.csv``, ``results.json``, a
-Markdown table of mean ± std over seeds and PNG plots. A dataset that cannot be loaded here
-(e.g. ``tfds:higgs`` without a network) is skipped with a message.
+Methods are the registered ones (:data:`~mini_unlearn_jax.core.methods.METHODS`, including any
+registered at run time); ``NAME:KEY=VALUE[+KEY=VALUE...]`` passes options to ``run_method`` and
+is reported under that label. A model entry takes ``data``, ``model``, ``l2``, ``hidden``,
+``penalize_bias`` and any :class:`~mini_unlearn_jax.core.training.TrainConfig` field (``steps``,
+``batch_size``, ...) replacing the model's default recipe, or ``recipe = NAME`` of
+:data:`~mini_unlearn_jax.app.recipes.RECIPES` (whose settings the entry's keys replace); it is
+trained by :func:`~mini_unlearn_jax.app.recipes.build_problem`.
 
-Special ratios: ``classK`` removes every training example of class K; ``seqMxF`` runs M
-successive requests of fraction F of the original data (each on the previous result) and
-compares the final model with retraining on the cumulative remainder.
+Every cell (data, model, seed, ratio, method) becomes one row of ``results.jsonl``, appended as
+soon as it is done (a later row of the same cell replaces an earlier one). With ``resume = true``
+(the default) cells already there are skipped, so an interrupted run resumes where it stopped
+and several workers with disjoint configs may share one output directory; with ``resume =
+false`` every cell of the config reruns and replaces its earlier row (rows of other cells are
+kept; ``fresh=True`` / ``--fresh`` discards them all). A method that raises, or does not apply
+to the model (:func:`~mini_unlearn_jax.core.methods.applicable`), gets a row with
+``converged = false`` and the reason. ``reference_rows = true`` adds a row for the reference
+(``retrain``) of every (model, ratio) where it ran. A dataset that cannot be loaded here (e.g.
+``tfds:higgs`` without a network) is skipped with a message.
+
+Reports (``report``): ``"grid"`` writes ``results.csv``, ``results.json`` (the rows), a Markdown
+table of mean ± std over seeds and PNG plots at the end of the run; ``"fidelity"`` writes after
+every cell ``results.json`` (``{"runs", "models", "rows"}``: each run's command, machine and
+library version, each trained model's recipe and cost), ``results.csv``, ``table.md`` (one
+table per metric, every cell, the ``targets`` check) and ``fidelity_vs_time.png``.
+
+Protocol: the forget set of ratio ``rho`` is ``sort(default_rng(seed).choice(n, round(rho n)))``
+(as ``mini-unlearn unlearn --ratio rho --seed seed``); ``classK`` removes every training example
+of class K; ``seqMxF`` runs M successive requests of fraction F of the original data (each on the
+previous result) against retraining on the cumulative remainder. Every method is compared with
+``retrain`` of the same cell except DeltaGrad, which replays its own (S)GD trajectory: its
+reference is ``deltagrad_retrain`` with the same options and its original model
+``info['own_original']``. In a row, ``kl_ratio`` = KL(p_R || p_U) / KL(p_R || p_original) on the
+test set, ``rel_param_error`` = ||w_U - w_R|| / ||w_original - w_R||, ``time_ratio`` = the method's
+time / its reference's (both without compilation, which ``compile_s`` reports), and
+``memory_bytes`` the training history the method keeps: snapshot buffer + curvature statistics
+for the mini variants, DeltaGrad's per-step cache, 0 for the others.
 """
 
 from __future__ import annotations
@@ -29,33 +56,76 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
+import os
+import platform
+import shlex
+import subprocess
 import sys
 import time
+from datetime import datetime, timezone
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import Any, NamedTuple
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 
-from ..core import linalg as cv
 from ..core import methods as M
-from ..core.models import build_model, init_params, make_objective
+from ..core.problem import keep_mask
 from ..core.snapshots import nbytes
-from ..core.training import Trainer, default_config
+from ..core.training import TrainConfig
 from ..evaluation import metrics as mt
-from .data import DataError, load_dataset
+from . import recipes
+from .data import DataError
 
-METRICS = ("test_acc", "forget_acc", "rel_param_error", "kl_test", "kl_ratio", "agreement_test", "time_ratio",
-           "time_s", "compile_s", "mia_auc", "memory_bytes")
+METRICS = ("test_acc", "forget_acc", "retain_acc", "rel_param_error", "kl_test", "kl_forget", "kl_ratio",
+           "agreement_test", "time_ratio", "time_s", "compile_s", "mia_auc", "memory_bytes")
+REPORTS = ("grid", "fidelity")
+# a model entry's keys: a named recipe, build_problem's arguments, and TrainConfig fields replacing
+# the recipe's (the seed is the grid's)
+MODEL_KEYS = ({"recipe", "data", "model", "l2", "hidden", "penalize_bias"}
+              | {f.name for f in dataclasses.fields(TrainConfig)} - {"seed"})
+TARGET_KEYS = {"method", "ratios", "kl_ratio", "rel_param_error", "time_ratio"}
+
+
+# -- configuration --------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
 class GridConfig:
+    """One grid (see the module docstring); checked when built and again by :func:`run_grid`.
+
+    Attributes:
+      out: the output directory.
+      seeds, ratios, methods: the grid's axes (ratios: fractions in (0, 1), ``"N%"``, ``"classK"``
+        or ``"seqMxF"``; methods: registered non-reference names, optionally ``NAME:KEY=VALUE+...``).
+      models: dicts with ``data`` and ``model`` (or a ``recipe`` name) and optionally ``l2``
+        (default 1e-3), ``hidden``, ``penalize_bias`` and TrainConfig fields.
+      mia: also run the loss-threshold membership attack on the removed examples.
+      report: ``"grid"`` or ``"fidelity"`` (the reports' format).
+      resume: skip cells already in ``results.jsonl`` (False: rerun them, replacing their rows).
+      reference_rows: add a row for the reference (``retrain``) wherever it ran.
+      targets: the fidelity report's acceptance check: ``method``, ``ratios`` and upper bounds on
+        ``kl_ratio``, ``rel_param_error``, ``time_ratio``.
+      title, intro: the report's heading and the paragraph below it.
+    """
+
     out: str
     seeds: list
     ratios: list
     methods: list
     models: list
     mia: bool = True
+    report: str = "grid"
+    resume: bool = True
+    reference_rows: bool = False
+    targets: dict = dataclasses.field(default_factory=dict)
+    title: str = ""
+    intro: str = ""
+
+    def __post_init__(self):
+        self.validate()
 
     @classmethod
     def load(cls, path: str | Path) -> GridConfig:
@@ -66,187 +136,530 @@ class GridConfig:
         unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
-        cfg = cls(**raw)
-        for m in cfg.methods:
-            if m not in M.METHODS or m == "retrain":
-                raise ValueError(f"{path}: unknown method {m!r} (retrain is always the reference)")
-        for r in cfg.ratios:
+        missing = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING} - set(raw)
+        if missing:
+            raise ValueError(f"{path}: missing keys {sorted(missing)}")
+        try:
+            return cls(**raw)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first problem: an unknown method, a bad ratio or model entry."""
+        for name in ("seeds", "ratios", "methods", "models"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not value:
+                raise ValueError(f"{name} must be a non-empty list, got {value!r}")
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
+            raise ValueError(f"seeds must be integers, got {self.seeds!r}")
+        if self.report not in REPORTS:
+            raise ValueError(f"unknown report {self.report!r}: choose one of {', '.join(REPORTS)}")
+        for r in self.ratios:
+            kind = parse_ratio(r)[0]
+            if self.report == "fidelity" and kind != "uniform":
+                raise ValueError(f"ratio {r!r}: the fidelity report shows uniform ratios only (fractions or N%)")
+        for label in self.methods:
+            name, _ = parse_method(label)
+            if M.get_method(name).reference:
+                raise ValueError(f"method {name!r} is the reference every method is compared with; "
+                                 "set reference_rows = true for rows of it")
+        if len(set(map(str, self.methods))) != len(self.methods):
+            raise ValueError(f"methods repeat a label: {self.methods}")
+        self.models = [_model_entry(m) for m in self.models]
+        pairs = set()
+        for m in self.models:
+            bad = set(m) - MODEL_KEYS
+            if bad:
+                raise ValueError(f"model entry {m['model']} on {m['data']}: unknown keys {sorted(bad)}; "
+                                 f"use {', '.join(sorted(MODEL_KEYS))}")
+            if (m["data"], m["model"]) in pairs:
+                raise ValueError(f"two model entries for {m['model']} on {m['data']}")
+            pairs.add((m["data"], m["model"]))
+        bad = set(self.targets) - TARGET_KEYS
+        if bad:
+            raise ValueError(f"targets: unknown keys {sorted(bad)}; use {', '.join(sorted(TARGET_KEYS))}")
+        for r in self.targets.get("ratios", []):
             parse_ratio(r)
-        return cfg
 
     def cells(self) -> list[dict]:
-        return [{"data": m["data"], "model": m["model"], "seed": s, "ratio": str(r), "method": meth}
+        return [{"data": m["data"], "model": m["model"], "seed": s, "ratio": str(r), "method": str(meth)}
                 for m in self.models for s in self.seeds for r in self.ratios for meth in self.methods]
 
 
+def _model_entry(m) -> dict:
+    """A model entry with a named recipe (:data:`~mini_unlearn_jax.app.recipes.RECIPES`) expanded:
+    its data, model, l2 and hidden, which the entry's own keys replace."""
+    if not isinstance(m, dict):
+        raise ValueError(f"a model entry is a table (data, model, ... or recipe), got {m!r}")
+    entry = dict(m)
+    if "recipe" in entry:
+        if entry["recipe"] not in recipes.RECIPES:
+            raise ValueError(f"unknown recipe {entry['recipe']!r}: choose one of {', '.join(recipes.RECIPES)}")
+        spec, model, l2, hidden, _ = recipes.RECIPES[entry["recipe"]]
+        if entry.get("model", model) != model:
+            raise ValueError(f"recipe {entry['recipe']!r} trains a {model}, not a {entry['model']}")
+        entry = {"data": spec, "model": model, "l2": l2} | ({"hidden": hidden} if hidden else {}) | entry
+    if not isinstance(entry.get("data"), str) or not isinstance(entry.get("model"), str):
+        raise ValueError(f"a model entry needs data and model strings (or a recipe), got {m!r}")
+    return entry
+
+
 def parse_ratio(r) -> tuple[str, float | int, int]:
-    """``0.1`` -> ("uniform", 0.1, 1); ``"class3"`` -> ("class", 3, 1); ``"seq5x0.1"`` -> ("seq", 0.1, 5)."""
-    text = str(r)
-    if text.startswith("class"):
-        return "class", int(text[5:]), 1
-    if text.startswith("seq"):
-        times, frac = text[3:].split("x")
-        return "seq", float(frac), int(times)
-    value = float(text)
+    """``0.1`` or ``"10%"`` -> ("uniform", 0.1, 1); ``"class3"`` -> ("class", 3, 1); ``"seq5x0.1"`` -> ("seq", 0.1, 5)."""
+    text = str(r).strip()
+    try:
+        if text.startswith("class"):
+            return "class", int(text[5:]), 1
+        if text.startswith("seq"):
+            times, frac = text[3:].split("x")
+            return "seq", float(frac), int(times)
+        value = float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
+    except ValueError:
+        raise ValueError(f"ratio {r!r}: write a fraction in (0, 1), N% (0 < N < 100), classK or seqMxF") from None
     if not 0 < value < 1:
-        raise ValueError(f"ratio {r!r} must lie in (0, 1), or be classK / seqMxF")
+        raise ValueError(f"ratio {r!r} must lie in (0, 1) (or (0%, 100%)), or be classK / seqMxF")
     return "uniform", value, 1
+
+
+def ratio_pct(r) -> float:
+    """The uniform ratio ``r`` in percent, exactly as written (``"10%"`` and ``0.1`` -> 10.0)."""
+    text = str(r).strip()
+    try:
+        return float(text[:-1]) if text.endswith("%") else float(Decimal(text) * 100)
+    except InvalidOperation:
+        raise ValueError(f"ratio {r!r} is not a uniform fraction or percent") from None
+
+
+def pct_ratio(pct: float) -> str:
+    """A ratio label in percent: ``10.0`` -> ``"10%"`` (the shortest exact text)."""
+    return np.format_float_positional(float(pct), trim="-") + "%"
+
+
+def _option_value(text: str):
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+def parse_method(label: str) -> tuple[str, dict]:
+    """``NAME`` or ``NAME:KEY=VALUE[+KEY=VALUE...]`` -> (registered name, options for run_method)."""
+    if not isinstance(label, str):
+        raise ValueError(f"a method is a string NAME or NAME:KEY=VALUE[+KEY=VALUE...], got {label!r}")
+    name, _, rest = label.partition(":")
+    M.get_method(name)  # ValueError naming the registered methods
+    options = {}
+    for item in filter(None, rest.split("+")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"method {label!r}: bad option {item!r}; write KEY=VALUE")
+        options[key] = _option_value(value)
+    return name, options
+
+
+# -- rows on disk ---------------------------------------------------------------------------
 
 
 def key_of(row: dict) -> tuple:
     return (row["data"], row["model"], int(row["seed"]), str(row["ratio"]), row["method"])
 
 
-def load_rows(out: Path) -> list[dict]:
-    path = out / "results.jsonl"
+def load_rows(out: str | Path) -> list[dict]:
+    """The rows of ``out/results.jsonl``, the last one of each cell (a line cut by an interruption is dropped)."""
+    path = Path(out) / "results.jsonl"
     if not path.exists():
         return []
-    rows = []
+    rows: dict = {}
     for line in path.read_text().splitlines():
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:  # a line cut by an interruption: that cell reruns
                 continue
-    return rows
+            rows.pop(key_of(row), None)
+            rows[key_of(row)] = row
+    return list(rows.values())
 
 
-class _Trained:
-    def __init__(self, spec: dict, seed: int):
-        ds = load_dataset(spec["data"])
-        model = build_model(spec["model"], ds.num_classes, hidden=int(spec.get("hidden", 256)))
-        obj = make_objective(model, float(spec.get("l2", 1e-3)))
-        cfg = default_config(spec["model"], ds.n_train, seed=seed)
-        if "steps" in spec:
-            cfg = dataclasses.replace(cfg, steps=int(spec["steps"]))
-        p0 = init_params(model, ds.x_train[0], seed)
-        st = Trainer(obj, cfg).fit(p0, ds.x_train, ds.y_train)
-        stats = cv.fit_stats(obj, st.params, ds.x_train)
-        self.ds = ds
-        self.problem = M.Problem(obj, cfg, p0, st.params, st.snapshots, stats, jnp.asarray(ds.x_train), jnp.asarray(ds.y_train))
-        self.memory = nbytes(st.snapshots) + (nbytes(stats) if stats is not None else 0)
+def _previous_fidelity(out: Path) -> tuple[list, dict]:
+    """Runs and models recorded by an earlier fidelity report in ``out`` (empty without one)."""
+    path = out / "results.json"
+    if not path.exists():
+        return [], {}
+    old = json.loads(path.read_text())
+    if not isinstance(old, dict):
+        return [], {}
+    return list(old.get("runs", [])), dict(old.get("models", {}))
 
 
-def _forget(kind, value, n, y, seed):
+def _from_fidelity_row(row: dict, models: dict) -> dict:
+    """A row of a fidelity ``results.json`` (written before ``results.jsonl`` existed) as a grid row."""
+    r = dict(row)
+    spec = models.get(f"{r['model']}:{r['n_train']}:{r['seed']}", {}).get("data_spec")
+    r["data"], r["ratio"] = spec, pct_ratio(r.pop("ratio_pct"))
+    if "agreement" in r:
+        r["agreement_test"] = r.pop("agreement")
+    return r
+
+
+# -- training and evaluation ----------------------------------------------------------------
+
+
+class _Model(NamedTuple):
+    trained: recipes.Trained
+    record: dict  # the recipe, its cost, accuracy and sizes (the fidelity report's "models")
+    memory: int  # training history the mini variants keep: snapshot buffer + curvature stats
+
+
+def _train(spec: dict, seed: int, log) -> _Model:
+    overrides = {k: v for k, v in spec.items() if k not in ("recipe", "data", "model", "l2", "hidden", "penalize_bias")}
+    l2 = float(spec.get("l2", 1e-3))
+    make_config = recipes.RECIPES[spec["recipe"]][4] if "recipe" in spec else None
+    log(f"grid: training {spec['model']} on {spec['data']} (l2={l2}, seed {seed}"
+        + (f", recipe {spec['recipe']}" if "recipe" in spec else "") + (f", {overrides}" if overrides else "") + ")")
+    tr = recipes.build_problem(spec["data"], spec["model"], l2, seed, hidden=int(spec.get("hidden", 256)),
+                               penalize_bias=bool(spec.get("penalize_bias", False)),
+                               config=make_config(seed) if make_config is not None else None, **overrides)
+    pb, ds = tr.problem, tr.dataset
+    p_train = mt.predict_probs(pb.objective, pb.params, ds.x_train)
+    p_test = mt.predict_probs(pb.objective, pb.params, ds.x_test)
+    snap_bytes, stats_bytes = nbytes(pb.snapshots), (nbytes(pb.stats) if pb.stats is not None else 0)
+    record = {
+        "model": spec["model"], "data_spec": spec["data"], "n_train": ds.n_train, "n_test": int(ds.x_test.shape[0]),
+        "l2": l2, "hidden": getattr(tr.model, "hidden", None), "seed": seed,
+        "train_config": dataclasses.asdict(pb.train_config),
+        "train_s": tr.train_s, "train_compile_s": tr.train_compile_s, "stats_s": tr.stats_s,
+        "steps_run": int(tr.state.step), "final_grad_norm": float(tr.state.grad_norm),
+        "train_acc": mt.accuracy(p_train, ds.y_train), "test_acc": mt.accuracy(p_test, ds.y_test),
+        "param_count": int(sum(np.size(a) for a in jax.tree.leaves(pb.params))),
+        "param_bytes": nbytes(pb.params), "snapshot_bytes": snap_bytes, "stats_bytes": stats_bytes,
+        "mini_configs": {k: dataclasses.asdict(v) for k, v in M.MINI_VARIANTS.items()},
+    }
+    log(f"grid: trained in {tr.train_s:.1f}s (+{tr.train_compile_s:.1f}s compile, {record['steps_run']} steps, "
+        f"grad norm {record['final_grad_norm']:.2e}), train acc {record['train_acc']:.4f}, "
+        f"test acc {record['test_acc']:.4f}; stats {tr.stats_s:.1f}s")
+    return _Model(tr, record, snap_bytes + stats_bytes)
+
+
+def _requests(kind: str, value, times: int, n: int, y, seed: int) -> list[np.ndarray]:
+    """The sorted training indices each request of a cell removes (one request unless ``seqMxF``)."""
     if kind == "class":
-        return np.flatnonzero(np.asarray(y) == value).astype(np.int32)
+        return [np.flatnonzero(np.asarray(y) == value).astype(np.int32)]
+    r = int(round(value * n))
+    if not 1 <= r * times < n:
+        raise ValueError(f"ratio {value:g}{f' x {times}' if times > 1 else ''} of {n} training examples removes "
+                         f"{r * times}: give a ratio that removes 1 to {n - 1}")
     rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(n, max(1, int(round(value * n))), replace=False)).astype(np.int32)
+    if kind == "seq":
+        order = rng.permutation(n)
+        return [np.sort(order[k * r:(k + 1) * r]).astype(np.int32) for k in range(times)]
+    return [np.sort(rng.choice(n, size=r, replace=False)).astype(np.int32)]
 
 
-def _evaluate(tr: _Trained, method: str, out, ref, original, forget, mia: bool) -> dict:
-    pb, ds = tr.problem, tr.ds
+class _Reference:
+    """A reference (retrained) model of a cell and the original model it is compared with."""
+
+    def __init__(self, mdl: _Model, name: str, out: M.MethodOutput, original):
+        obj, ds = mdl.trained.problem.objective, mdl.trained.dataset
+        self.name, self.out, self.params, self.original = name, out, out.params, original
+        self.time_s = out.time_s
+        self.p_test = mt.predict_probs(obj, out.params, ds.x_test)
+        self.p_orig_test = mt.predict_probs(obj, original, ds.x_test)
+        self.original_kl = mt.mean_kl(self.p_test, self.p_orig_test)
+        self.test_acc = mt.accuracy(self.p_test, ds.y_test)
+        self.original_test_acc = mt.accuracy(self.p_orig_test, ds.y_test)
+
+
+def _own_reference(mdl: _Model, name: str, options: dict, res: M.MethodOutput, forget) -> _Reference | None:
+    """DeltaGrad replays its own (S)GD recipe: its ground truth is that recipe on the remaining data
+    (``deltagrad_retrain`` with the same options) and its original model ``info['own_original']``."""
+    if name != "deltagrad":
+        return None
+    pb = mdl.trained.problem
+    return _Reference(mdl, "deltagrad_retrain", M.deltagrad_retrain(pb, forget, **options), res.info["own_original"])
+
+
+def _jsonable(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if k == "own_original":
+            continue
+        if isinstance(v, dict):
+            out[k] = _jsonable(v)
+        elif isinstance(v, np.generic):
+            out[k] = v.item()
+        elif isinstance(v, (bool, int, float, str)) or v is None:
+            out[k] = v
+        else:
+            out[k] = str(v)
+    return out
+
+
+def _evaluate(mdl: _Model, res: M.MethodOutput, ref: _Reference, forget, memory_bytes: int, mia: bool) -> dict:
+    pb, ds = mdl.trained.problem, mdl.trained.dataset
     obj = pb.objective
-    p_ref = mt.predict_probs(obj, ref.params, ds.x_test)
-    p_u = mt.predict_probs(obj, out.params, ds.x_test)
-    p_o = mt.predict_probs(obj, original, ds.x_test)
-    kl, kl0 = mt.mean_kl(p_ref, p_u), mt.mean_kl(p_ref, p_o)
+    x, y = pb.x, np.asarray(pb.y)
+    keep = keep_mask(x.shape[0], forget).astype(bool)
+    p_test = mt.predict_probs(obj, res.params, ds.x_test)
+    p_forget = mt.predict_probs(obj, res.params, x[forget])
+    p_retain = mt.predict_probs(obj, res.params, x[np.flatnonzero(keep)])
+    kl = mt.mean_kl(ref.p_test, p_test)
     row = {
-        "converged": bool(out.converged), "reason": out.reason,
-        "test_acc": mt.accuracy(p_u, ds.y_test), "retrain_test_acc": mt.accuracy(p_ref, ds.y_test),
-        "forget_acc": mt.accuracy(mt.predict_probs(obj, out.params, np.asarray(pb.x)[forget]), np.asarray(pb.y)[forget]),
-        "rel_param_error": mt.rel_param_error(out.params, ref.params, original),
-        "kl_test": kl, "kl_ratio": kl / max(kl0, 1e-30), "agreement_test": mt.agreement(p_ref, p_u),
-        "time_s": out.time_s, "compile_s": out.compile_s, "retrain_time_s": ref.time_s,
-        "time_ratio": out.time_s / max(ref.time_s, 1e-12),
-        "memory_bytes": int(out.info.get("cache_bytes", tr.memory if method.startswith("mini") else 0)),
+        "n_removed": int(np.size(forget)), "reference": ref.name,
+        "test_acc": mt.accuracy(p_test, ds.y_test),
+        "forget_acc": mt.accuracy(p_forget, y[forget]),
+        "retain_acc": mt.accuracy(p_retain, y[keep]),
+        "rel_param_error": mt.rel_param_error(res.params, ref.params, ref.original),
+        "kl_test": kl,
+        "kl_forget": mt.mean_kl(mt.predict_probs(obj, ref.params, x[forget]), p_forget),
+        "original_kl_test": ref.original_kl,
+        "kl_ratio": kl / max(ref.original_kl, 1e-30),
+        "agreement_test": mt.agreement(ref.p_test, p_test),
+        "time_s": float(res.time_s), "compile_s": float(res.compile_s), "retrain_time_s": ref.time_s,
+        "time_ratio": float(res.time_s) / max(ref.time_s, 1e-12),
+        "memory_bytes": int(memory_bytes), "param_bytes": mdl.record["param_bytes"],
+        "converged": bool(res.converged), "reason": res.reason,
+        "retrain_test_acc": ref.test_acc, "original_test_acc": ref.original_test_acc,
+        "info": _jsonable(dict(res.info)),
     }
     if mia:
         from ..evaluation.privacy import default_mia
 
-        res = default_mia(obj, {"u": out.params, "r": ref.params}, np.asarray(pb.x)[forget], np.asarray(pb.y)[forget],
-                          ds.x_test, ds.y_test)
-        row["mia_auc"], row["mia_auc_retrain"] = res["u"]["auc"], res["r"]["auc"]
+        att = default_mia(obj, {"u": res.params, "r": ref.params}, x[forget], y[forget], ds.x_test, ds.y_test)
+        row["mia_auc"], row["mia_auc_retrain"] = att["u"]["auc"], att["r"]["auc"]
     return row
 
 
-def run_grid(cfg: GridConfig, *, log=None) -> list[dict]:
-    """Run every missing cell of the grid; returns all rows (old and new)."""
-    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+class _Cells:
+    """Runs the cells of one trained model, keeping its references (one retrain per ratio)."""
+
+    def __init__(self, mdl: _Model, cfg: GridConfig, emit, log):
+        self.mdl, self.cfg, self.emit, self.log = mdl, cfg, emit, log
+        self.refs: dict = {}
+
+    def reference(self, cell: dict, forget) -> _Reference:
+        if cell["ratio"] not in self.refs:
+            pb = self.mdl.trained.problem
+            self.log(f"grid: {cell['model']} {cell['ratio']}: removing {np.size(forget)} of {pb.x.shape[0]}; "
+                     "retraining (reference) ...")
+            ref = _Reference(self.mdl, "retrain", M.run_method("retrain", pb, forget), pb.params)
+            self.refs = {cell["ratio"]: ref}  # the cells of one ratio are consecutive
+            if self.cfg.reference_rows:
+                row = dict(cell, method="retrain", n_train=self.mdl.trained.dataset.n_train)
+                self.emit(row | _evaluate(self.mdl, ref.out, ref, forget, 0, self.cfg.mia))
+        return self.refs[cell["ratio"]]
+
+    def run(self, cell: dict) -> dict:
+        pb, ds = self.mdl.trained.problem, self.mdl.trained.dataset
+        name, options = parse_method(cell["method"])
+        kind, value, times = parse_ratio(cell["ratio"])
+        row = dict(cell, options=json.dumps(options) if options else "", n_train=ds.n_train)
+        requests = _requests(kind, value, times, ds.n_train, ds.y_train, cell["seed"])
+        forget = np.sort(np.concatenate(requests))
+        why = M.applicable(name, pb)
+        if why:
+            return row | {"n_removed": int(forget.size), "converged": False, "reason": f"not applicable: {why}"}
+        try:
+            res = (self._sequential(name, options, requests) if kind == "seq"
+                   else M.run_method(name, pb, forget, **options))
+        except Exception as e:  # reported in the row; the other cells go on
+            self.log(f"grid: {cell['model']} {cell['ratio']} {cell['method']} FAILED: {type(e).__name__}: {e}")
+            return row | {"n_removed": int(forget.size), "converged": False, "reason": f"error: {type(e).__name__}: {e}"}
+        own = _own_reference(self.mdl, name, options, res, forget) if kind != "seq" else None
+        ref = own or self.reference(cell, forget)
+        memory = res.info.get("cache_bytes", self.mdl.memory if name.startswith("mini") else 0)
+        row |= _evaluate(self.mdl, res, ref, forget, memory, self.cfg.mia)
+        if own is not None:
+            row["info"]["own_retrain_test_acc"] = own.test_acc
+            row["info"]["own_original_test_acc"] = own.original_test_acc
+        return row
+
+    def _sequential(self, name: str, options: dict, requests: list[np.ndarray]) -> M.MethodOutput:
+        """Successive requests, each on the previous result; the result is compared with retraining
+        on the cumulative remainder. ``time_s`` sums the requests (the refreshes between them excluded)."""
+        pb = self.mdl.trained.problem
+        alive, cur = np.arange(int(pb.x.shape[0])), pb
+        total, compile_s, ok, reason = 0.0, 0.0, True, "converged"
+        for chunk in requests:
+            local = np.searchsorted(alive, chunk).astype(np.int32)
+            res = M.run_method(name, cur, local, **options)
+            total, compile_s = total + res.time_s, compile_s + res.compile_s
+            if not res.converged:
+                ok, reason = False, res.reason
+            cur = M.after_removal(cur, res.params, local)
+            alive = np.setdiff1d(alive, chunk)
+        return M.MethodOutput(cur.params, ok, reason, total, compile_s, {"requests": len(requests)})
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+def _default_log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _command_line() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
+
+
+def run_grid(cfg: GridConfig, *, fresh: bool = False, command: str | None = None, log=None) -> list[dict]:
+    """Run the grid ``cfg`` in this process and write its reports; returns every row of ``cfg.out``.
+
+    Runs the cells not yet in ``cfg.out/results.jsonl`` (all of the config's cells when
+    ``cfg.resume`` is False), appending each row as it is done. ``fresh`` discards the rows (and,
+    for the fidelity report, the runs and models) of earlier runs first. ``command`` is recorded
+    in the reports (default: this process's command line); ``log`` receives progress lines
+    (default: stderr).
+    """
+    cfg.validate()  # methods registered since the config was built count; unregistered ones fail here
+    log = log or _default_log
+    command = _command_line() if command is None else command
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = load_rows(out)
-    done = {key_of(r) for r in rows}
-    todo = [c for c in cfg.cells() if key_of(c) not in done]
-    log(f"grid: {len(cfg.cells())} cells, {len(done)} already done, {len(todo)} to run -> {out}")
-    t0 = time.perf_counter()
-    trained: dict = {}
-    skipped: set = set()
-    finished = 0
     sink_path = out / "results.jsonl"
+    if fresh and sink_path.exists():
+        sink_path.unlink()
+    runs, models = _previous_fidelity(out) if cfg.report == "fidelity" and not fresh else ([], {})
+    if cfg.report == "fidelity" and not sink_path.exists() and not fresh and (out / "results.json").exists():
+        old = json.loads((out / "results.json").read_text())
+        imported = [_from_fidelity_row(r, models) for r in old.get("rows", [])] if isinstance(old, dict) else []
+        with open(sink_path, "w") as f:  # results.jsonl holds the rows from now on
+            f.writelines(json.dumps(r, default=float) + "\n" for r in imported)
+    rows = {key_of(r): r for r in load_rows(out)}
+    cells = cfg.cells()
+    done = {key_of(c) for c in cells} & set(rows)
+    todo = [c for c in cells if key_of(c) not in done] if cfg.resume else cells
+    log(f"grid: {len(cells)} cells, {len(done)} already done, {len(todo)} to run -> {out}"
+        + ("" if cfg.resume else " (resume = false: every cell reruns)"))
+    if earlier := [r for r in runs if not r.get("finished")]:
+        log(f"grid: {len(earlier)} earlier run(s) did not finish")
+    t0 = time.perf_counter()
+    run = {"command": command, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "models": [m["model"] for m in cfg.models], "ratios": [str(r) for r in cfg.ratios],
+           "methods": [str(m) for m in cfg.methods], "seeds": list(cfg.seeds),
+           "machine": machine_info(), "library": library_version(), "finished": False}
+    runs.append(run)
+    incremental = cfg.report == "fidelity"  # cheap reports: rewritten after every cell
+
     if sink_path.exists() and sink_path.stat().st_size and not sink_path.read_bytes().endswith(b"\n"):
         with open(sink_path, "a") as f:  # an interrupted write left half a line: close it off
             f.write("\n")
     with open(sink_path, "a") as sink:
+
+        def emit(row: dict) -> None:
+            sink.write(json.dumps(row, default=float) + "\n")
+            sink.flush()
+            rows.pop(key_of(row), None)
+            rows[key_of(row)] = row
+            run["wall_s"] = time.perf_counter() - t0
+            if incremental:
+                write_reports(cfg, list(rows.values()), command=command, runs=runs, models=models)
+
+        current: dict = {}
+        skipped: set = set()
+        finished = 0
         for cell in todo:
             spec = next(m for m in cfg.models if m["data"] == cell["data"] and m["model"] == cell["model"])
             tkey = (cell["data"], cell["model"], cell["seed"])
-            if cell["data"] in skipped or key_of(cell) in {key_of(r) for r in load_rows(out)}:
-                continue  # (another worker on the same output directory may have done it)
-            if tkey not in trained:
+            if cell["data"] in skipped:
+                continue
+            if cfg.resume and key_of(cell) in {key_of(r) for r in load_rows(out)}:
+                continue  # another worker on the same output directory did it
+            if tkey not in current:
                 try:
-                    trained = {tkey: _Trained(spec, cell["seed"])}  # keep one trained model in memory
+                    mdl = _train(spec, cell["seed"], log)
                 except DataError as e:
                     log(f"grid: skipping {cell['data']}: {e}")
                     skipped.add(cell["data"])
                     continue
-            tr = trained[tkey]
-            kind, value, times = parse_ratio(cell["ratio"])
-            row = dict(cell, n_train=tr.ds.n_train)
-            if kind == "seq":
-                row.update(_run_sequential(tr, cell["method"], value, times, cell["seed"], cfg.mia))
-            else:
-                forget = _forget(kind, value, tr.ds.n_train, tr.ds.y_train, cell["seed"])
-                ref_key = (tkey, cell["ratio"])
-                if getattr(tr, "ref_key", None) != ref_key:
-                    tr.ref_key, tr.ref = ref_key, M.run_method("retrain", tr.problem, forget)
-                res = M.run_method(cell["method"], tr.problem, forget)
-                ref = M.deltagrad_retrain(tr.problem, forget) if cell["method"] == "deltagrad" else tr.ref
-                original = res.info.get("own_original", tr.problem.params)
-                row.update(_evaluate(tr, cell["method"], res, ref, original, forget, cfg.mia), n_removed=int(forget.size))
-            sink.write(json.dumps(row, default=float) + "\n")
-            sink.flush()
-            rows.append(row)
+                current = {tkey: _Cells(mdl, cfg, emit, log)}  # one trained model in memory at a time
+                rec = mdl.record
+                models[f"{rec['model']}:{rec['n_train']}:{rec['seed']}"] = rec
+            row = current[tkey].run(cell)
+            emit(row)
             finished += 1
             elapsed = time.perf_counter() - t0
             eta = elapsed / finished * (len(todo) - finished)
             bar = "#" * int(30 * finished / len(todo))
+            res = (f"kl_ratio {row['kl_ratio']:.3g} time_ratio {row['time_ratio']:.3g}" if "kl_ratio" in row
+                   else row["reason"])
             log(f"[{bar:<30}] {finished}/{len(todo)}  {elapsed / 60:5.1f} min, ETA {eta / 60:5.1f} min  "
-                f"{cell['model']} {cell['ratio']} seed {cell['seed']} {cell['method']}: kl_ratio {row['kl_ratio']:.3g} "
-                f"time_ratio {row['time_ratio']:.3g}")
-    return rows
+                f"{cell['model']} {cell['ratio']} seed {cell['seed']} {cell['method']}: {res}"
+                + ("" if row["converged"] or "kl_ratio" not in row else f" ({row['reason']})"))
+    run["finished"], run["wall_s"] = True, time.perf_counter() - t0
+    end = library_version()
+    if end.get("library_sha256") != run["library"].get("library_sha256"):
+        run["library_at_end"] = end
+        log(f"grid: the library's sources changed during this run ({run['library']} -> {end}); "
+            "this run used the version imported at its start")
+    all_rows = list(rows.values())
+    write_reports(cfg, all_rows, command=command, runs=runs, models=models)
+    log(f"grid: done in {run['wall_s']:.0f}s -> {out}")
+    return all_rows
 
 
-def _run_sequential(tr: _Trained, method: str, frac: float, times: int, seed: int, mia: bool) -> dict:
-    """``times`` successive requests of ``frac * n`` each, against retraining on the remainder."""
-    pb = tr.problem
-    n = tr.ds.n_train
-    order = np.random.default_rng(seed).permutation(n)
-    per = int(round(frac * n))
-    alive = np.arange(n)
-    cur = pb
-    total_time = 0.0
-    ok = True
-    reason = "converged"
-    for k in range(times):
-        chunk = np.sort(order[k * per:(k + 1) * per])
-        local = np.searchsorted(alive, chunk).astype(np.int32)
-        res = M.run_method(method, cur, local)
-        total_time += res.time_s
-        ok &= res.converged
-        if not res.converged:
-            reason = res.reason
-        cur = M.after_removal(cur, res.params, local)
-        alive = np.setdiff1d(alive, chunk)
-    forget = np.sort(order[: times * per])
-    ref = M.run_method("retrain", pb, forget)
-    out = M.MethodOutput(cur.params, ok, reason, total_time, 0.0, {})
-    row = _evaluate(tr, method, out, ref, pb.params, forget, mia)
-    row["n_removed"] = int(forget.size)
-    return row
+def machine_info() -> dict:
+    """CPU, core count, memory, platform and the JAX version and devices of this process."""
+    import jax
+    import jaxlib
+
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        nproc = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        nproc = os.cpu_count() or 0
+    mem = ""
+    try:
+        kb = int(next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal")).split()[1])
+        mem = f"{kb / 2**20:.1f} GiB"
+    except (OSError, StopIteration, ValueError):
+        pass
+    return {"nproc": nproc, "cpu": cpu, "memory": mem, "platform": platform.platform(),
+            "python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+            "device": ", ".join(str(d) for d in jax.devices()), "backend": jax.default_backend()}
+
+
+def library_version() -> dict:
+    """Git commit of the checkout, whether the library has uncommitted changes, and a hash of its sources."""
+    import hashlib
+
+    pkg = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted(pkg.rglob("*.py")):
+        h.update(f.relative_to(pkg).as_posix().encode())
+        h.update(f.read_bytes())
+    info: dict[str, Any] = {"library_sha256": h.hexdigest()[:16]}
+    try:
+        git = lambda *a: subprocess.run(["git", *a], cwd=pkg.parent, capture_output=True, text=True,
+                                        check=True).stdout.strip()
+        info["git_commit"] = git("rev-parse", "--short", "HEAD")
+        info["library_dirty"] = bool(git("status", "--porcelain", "--", pkg.name))
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return info
 
 
 # -- reports --------------------------------------------------------------------------------
+
+
+def write_reports(cfg: GridConfig, rows: list[dict], *, command: str = "", runs=(), models=None) -> None:
+    """Write ``cfg.out``'s reports in the format ``cfg.report`` (see the module docstring)."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.report == "fidelity":
+        _fidelity_reports(cfg, out, rows, list(runs), dict(models or {}))
+    else:
+        _grid_reports(cfg, out, rows, command)
 
 
 def _ratio_sort(r: str):
@@ -271,18 +684,24 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
-def write_reports(rows: list[dict], out: str | Path, command: str = "") -> None:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+def _mean_of(rows: list[dict], key: str) -> float:
+    vals = [float(r[key]) for r in rows if r.get(key) is not None]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def _grid_reports(cfg: GridConfig, out: Path, rows: list[dict], command: str) -> None:
     (out / "results.json").write_text(json.dumps(rows, indent=1, default=float))
-    cols = sorted({k for r in rows for k in r})
+    cols = sorted({k for r in rows for k in r} - {"info"})
     with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow(r)
-    summ = summarize(rows)
-    lines = ["# Unlearning grid: mean ± std over seeds", "", f"Command: `{command}`", ""]
+    methods_rows = [r for r in rows if r["method"] != r.get("reference")]  # the reference has its own line
+    summ = summarize(methods_rows)
+    lines = [f"# {cfg.title or 'Unlearning grid: mean ± std over seeds'}", ""]
+    lines += [cfg.intro, ""] if cfg.intro else []
+    lines += [f"Command: `{command}`", ""]
     shown = [("test_acc", "test acc", "{:.4f}"), ("kl_ratio", "KL ratio", "{:.3g}"),
              ("rel_param_error", "rel. param error", "{:.3f}"), ("time_ratio", "time / retrain", "{:.3g}"),
              ("mia_auc", "MIA AUC (loss)", "{:.3f}")]
@@ -290,16 +709,13 @@ def write_reports(rows: list[dict], out: str | Path, command: str = "") -> None:
         ratios = sorted({k[2] for k in summ if k[:2] == (data, model)}, key=_ratio_sort)
         methods = sorted({k[3] for k in summ if k[:2] == (data, model)})
         lines += [f"## {model} on {data}", ""]
-        retrain_acc = {rt: np.mean([float(r["retrain_test_acc"]) for r in rows
-                                     if (r["data"], r["model"], str(r["ratio"])) == (data, model, rt)]) for rt in ratios}
-        mia_ret = {rt: np.mean([float(r.get("mia_auc_retrain", np.nan)) for r in rows
-                                if (r["data"], r["model"], str(r["ratio"])) == (data, model, rt)]) for rt in ratios}
+        of = {rt: [r for r in rows if (r["data"], r["model"], str(r["ratio"])) == (data, model, rt)] for rt in ratios}
+        reference_line = {"test_acc": ("retrain_test_acc", "{:.4f}"), "mia_auc": ("mia_auc_retrain", "{:.3f}")}
         for metric, title, fmtx in shown:
             lines += [f"**{title}**", "", "| method | " + " | ".join(ratios) + " |", "|---|" + "---:|" * len(ratios)]
-            if metric == "test_acc":
-                lines.append("| retrain | " + " | ".join(f"{retrain_acc[rt]:.4f}" for rt in ratios) + " |")
-            if metric == "mia_auc":
-                lines.append("| retrain | " + " | ".join(f"{mia_ret[rt]:.3f}" for rt in ratios) + " |")
+            if metric in reference_line:
+                key, f = reference_line[metric]
+                lines.append("| retrain | " + " | ".join(f.format(_mean_of(of[rt], key)) for rt in ratios) + " |")
             for meth in methods:
                 cellsx = []
                 for rt in ratios:
@@ -308,16 +724,18 @@ def write_reports(rows: list[dict], out: str | Path, command: str = "") -> None:
                 lines.append(f"| {meth} | " + " | ".join(cellsx) + " |")
             lines.append("")
     (out / "table.md").write_text("\n".join(lines))
-    _plots(rows, summ, out)
+    _grid_plots(rows, summ, out)
 
 
-def _plots(rows, summ, out: Path) -> None:
+def _grid_plots(rows, summ, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     pairs = sorted({(k[0], k[1]) for k in summ})
+    if not pairs:
+        return
     for metric, ylabel, fname, logy in (("test_acc", "test accuracy", "test_acc_vs_ratio.png", False),
                                         ("mia_auc", "MIA AUC (loss attack)", "mia_auc_vs_ratio.png", False),
                                         ("time_ratio", "time / retrain time", "time_ratio_vs_ratio.png", True)):
@@ -333,7 +751,8 @@ def _plots(rows, summ, out: Path) -> None:
             if metric in ("test_acc", "mia_auc"):
                 key = "retrain_test_acc" if metric == "test_acc" else "mia_auc_retrain"
                 pts = sorted({(parse_ratio(r["ratio"])[1], float(r.get(key, np.nan))) for r in rows
-                              if (r["data"], r["model"]) == (data, model) and parse_ratio(r["ratio"])[0] == "uniform"})
+                              if (r["data"], r["model"]) == (data, model) and parse_ratio(r["ratio"])[0] == "uniform"
+                              and r.get(key) is not None})
                 if pts:
                     xs, ys = zip(*pts, strict=True)
                     ax.plot(xs, ys, "k--", label="retrain")
@@ -343,7 +762,8 @@ def _plots(rows, summ, out: Path) -> None:
             ax.set_xlabel("removal ratio")
             ax.set_ylabel(ylabel)
             ax.set_title(f"{model} on {data}")
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / fname, dpi=110)
         plt.close(fig)
@@ -360,10 +780,293 @@ def _plots(rows, summ, out: Path) -> None:
         ax.set_xlabel("time / retrain time")
         ax.set_ylabel("KL(p_R || p_U) / KL(p_R || p_original)")
         ax.set_title(f"fidelity vs time: {model} on {data}")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "fidelity_vs_time.png", dpi=110)
     plt.close(fig)
+
+
+# -- the fidelity report --------------------------------------------------------------------
+
+FIDELITY_COLUMNS = ["model", "method", "options", "ratio_pct", "seed", "n_train", "n_removed", "reference",
+                    "test_acc", "forget_acc", "retain_acc", "rel_param_error", "kl_test", "kl_forget",
+                    "original_kl_test", "kl_ratio", "agreement", "time_s", "compile_s", "retrain_time_s",
+                    "time_ratio", "memory_bytes", "param_bytes", "converged", "reason", "retrain_test_acc",
+                    "original_test_acc"]
+
+
+def _fidelity_row(row: dict) -> dict:
+    """A grid row in the fidelity report's columns (ratio in percent, ``agreement``)."""
+    src = dict(row, ratio_pct=ratio_pct(row["ratio"]))
+    if "agreement_test" in src:
+        src["agreement"] = src["agreement_test"]
+    return {k: src[k] for k in [c for c in FIDELITY_COLUMNS if c != "options"] + ["info", "options"] if k in src}
+
+
+def _fidelity_run(run: dict) -> dict:
+    """A run record as the fidelity report has always stored it: ratios in percent, one ``seed``."""
+    out = {}
+    for k, v in run.items():
+        if k == "seeds" and len(v) == 1:
+            out["seed"] = v[0]
+        else:
+            out[k] = [ratio_pct(x) if isinstance(x, str) else x for x in v] if k == "ratios" else v
+    return out
+
+
+def _base(label: str) -> str:
+    return label.partition(":")[0]
+
+
+def _method_rank(label: str) -> tuple:
+    """References first, then registration order (variants such as ``deltagrad:lr=0.1`` after their base)."""
+    names = list(M.METHODS)
+    order = [n for n in names if M.get_method(n).reference] + [n for n in names if not M.get_method(n).reference]
+    base = _base(label)
+    return (order.index(base) if base in order else len(order), label)
+
+
+def _method_labels(rows: list) -> list:
+    return sorted({r["method"] for r in rows}, key=_method_rank)
+
+
+def _fmt(v, kind: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if kind == "acc":
+        return f"{v:.4f}"
+    if kind == "sci":
+        return f"{v:.2e}"
+    if kind == "rel":
+        return f"{v:.3f}"
+    if kind == "time":
+        return f"{v:.3f}" if v < 100 else f"{v:.1f}"
+    if kind == "bytes":
+        if v == 0:
+            return "0"
+        for unit, s in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+            if v >= s:
+                return f"{v / s:.2f} {unit}"
+        return f"{v} B"
+    return str(v)
+
+
+def _pct(r) -> str:
+    return f"{float(r):g}%"
+
+
+def _pivot(rows: list, key: str, kind: str, title: str) -> list[str]:
+    ratios = sorted({float(r["ratio_pct"]) for r in rows})
+    cell = {(r["method"], float(r["ratio_pct"])): r for r in rows}
+    lines = [f"**{title}**", "", "| method | " + " | ".join(_pct(x) for x in ratios) + " |",
+             "|---|" + "---:|" * len(ratios)]
+    for m in _method_labels(rows):
+        vals = []
+        for x in ratios:
+            r = cell.get((m, x))
+            if r is None:
+                vals.append("")
+                continue
+            s = _fmt(r.get(key), kind)
+            if not r.get("converged", True):
+                s += " ✗"
+            vals.append(s)
+        lines.append(f"| {m} | " + " | ".join(vals) + " |")
+    return lines + [""]
+
+
+def _target_text(ratios) -> list[str]:
+    """Ratios in percent without the sign (runs before the harness recorded percents as numbers)."""
+    return [f"{ratio_pct(r) if isinstance(r, str) else r:g}" for r in ratios]
+
+
+def _check_targets(rows: list, targets: dict) -> list[str]:
+    if not targets:
+        return []
+    cell = {(r["method"], float(r["ratio_pct"])): r for r in rows}
+    bounds = [(k, targets[k], label) for k, label in (("kl_ratio", "kl ratio"), ("rel_param_error", "rel err"),
+                                                      ("time_ratio", "time ratio")) if k in targets]
+    out = []
+    for ratio in targets.get("ratios", []):
+        pct = ratio_pct(ratio)
+        r = cell.get((targets.get("method", "mini"), pct))
+        if r is None or "kl_ratio" not in r:
+            continue
+        checks = [f"{label} {r[k]:.3g} {'≤' if r[k] <= bound else '>'} {bound}" for k, bound, label in bounds]
+        ok = all(r[k] <= bound for k, bound, _ in bounds) and r["converged"]
+        for d in rows:
+            if _base(d["method"]) != "deltagrad" or float(d["ratio_pct"]) != pct:
+                continue
+            better = r["kl_test"] < d["kl_test"]
+            ok = ok and better
+            checks.append(f"kl_test {r['kl_test']:.3g} {'<' if better else '≥'} {d['method']}'s {d['kl_test']:.3g}")
+        out.append(f"- {_pct(pct)}: **{'PASS' if ok else 'FAIL'}** — " + "; ".join(checks)
+                   + ("" if r["converged"] else f"; not converged ({r['reason']})"))
+    return out
+
+
+def _sort_fidelity(rows: list) -> list:
+    return sorted(rows, key=lambda r: (r["model"], r["n_train"], r["seed"], float(r["ratio_pct"]),
+                                       _method_rank(r["method"])))
+
+
+def _fidelity_table(cfg: GridConfig, path: Path, rows: list, runs: list, models: dict) -> None:
+    tg = cfg.targets
+    lines = [f"# {cfg.title or 'Unlearning methods against retraining'}", ""] + ([cfg.intro, ""] if cfg.intro else [])
+    by_model: dict = {}
+    for r in rows:
+        by_model.setdefault((r["model"], r["n_train"], r["seed"]), []).append(r)
+    for (model, n_train, seed), mrows in by_model.items():
+        mc = models.get(f"{model}:{n_train}:{seed}", {})
+        tc = mc.get("train_config", {})
+        lines += [f"## {model} — {mc.get('data_spec', '?')} (n_train={n_train}, seed={seed})", ""]
+        if mc:
+            lines += [f"l2={mc['l2']}" + (f", hidden={mc['hidden']}" if mc.get("hidden") else "")
+                      + f", {tc.get('optimizer')} "
+                      + ("full batch" if tc.get("batch_size") is None else f"batch {tc.get('batch_size')}")
+                      + f", {mc['steps_run']} steps (final grad norm {mc['final_grad_norm']:.2e}); "
+                      f"trained in {mc['train_s']:.1f}s; original train acc {mc['train_acc']:.4f}, "
+                      f"test acc {mc['test_acc']:.4f}; {mc['param_count']} parameters "
+                      f"({_fmt(mc['param_bytes'], 'bytes')}); snapshot buffer {_fmt(mc['snapshot_bytes'], 'bytes')}"
+                      f" (K={tc.get('snapshots')}), curvature stats {_fmt(mc['stats_bytes'], 'bytes')}.", ""]
+        ok_rows = [r for r in mrows if "kl_ratio" in r]
+        lines += _pivot(ok_rows, "kl_ratio", "sci",
+                        "KL ratio: KL(p_R‖p_U) / KL(p_R‖p_original) on test (lower is better; 1 = did nothing)")
+        lines += _pivot(ok_rows, "rel_param_error", "rel", "Relative parameter error ‖w_U−w_R‖ / ‖w*−w_R‖")
+        lines += _pivot(ok_rows, "time_ratio", "sci", "Time ratio: time_s / retrain time_s of the same cell")
+        lines += _pivot(ok_rows, "test_acc", "acc", "Test accuracy")
+        lines += _pivot(ok_rows, "forget_acc", "acc", "Forget-set accuracy")
+        lines += _pivot(ok_rows, "agreement", "acc", "Test prediction agreement with the retrained model")
+        lines += ["**All cells**", "",
+                  "| ratio | method | test acc | forget acc | rel err | kl_test | kl ratio | agree | time s | "
+                  "compile s | time ratio | memory | converged |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in mrows:
+            if "kl_ratio" not in r:
+                lines.append(f"| {_pct(r['ratio_pct'])} | {r['method']} | | | | | | | | | | | ✗ {r['reason']} |")
+                continue
+            conv = "yes" if r["converged"] else f"✗ {r['reason']}"
+            lines.append(
+                f"| {_pct(r['ratio_pct'])} | {r['method']} | {_fmt(r['test_acc'], 'acc')} | {_fmt(r['forget_acc'], 'acc')} | "
+                f"{_fmt(r['rel_param_error'], 'rel')} | {_fmt(r['kl_test'], 'sci')} | {_fmt(r['kl_ratio'], 'sci')} | "
+                f"{_fmt(r['agreement'], 'acc')} | {_fmt(r['time_s'], 'time')} | {_fmt(r['compile_s'], 'time')} | "
+                f"{_fmt(r['time_ratio'], 'sci')} | {_fmt(r['memory_bytes'], 'bytes')} | {conv} |")
+        lines.append("")
+        for label in _method_labels([r for r in ok_rows if _base(r["method"]) == "deltagrad"]):
+            dg = [r for r in ok_rows if r["method"] == label]
+            dcfg = dg[0]["info"].get("config", {})
+            lines += [f"`{label}` rows follow DeltaGrad's own protocol: it replays its own (S)GD trajectory "
+                      f"({json.dumps(dcfg)}), so its reference is `deltagrad_retrain` (that recipe on the remaining "
+                      "data), its original model is `info['own_original']` (that recipe on all data), and its "
+                      "time ratio is replay time / that retrain's time. Its own original/retrained test accuracy: "
+                      + ", ".join(f"{_pct(r['ratio_pct'])}: {r['original_test_acc']:.4f}/{r['retrain_test_acc']:.4f}"
+                                  for r in dg) + ".", ""]
+        checked = _check_targets(ok_rows, tg)
+        if checked:
+            bounds = ", ".join(f"{label} ≤ {tg[k]}" for k, label in (("kl_ratio", "kl ratio"), ("rel_param_error", "rel err"),
+                                                                     ("time_ratio", "time ratio")) if k in tg)
+            lines += [f"**Targets for `{tg.get('method', 'mini')}` at {'/'.join(_target_text(tg.get('ratios', [])))}%** "
+                      f"({bounds}, kl_test below DeltaGrad's):", ""] + checked + [""]
+        bad = [r for r in mrows if not r.get("converged", True)]
+        if bad:
+            lines += ["**Not converged / failed:** " + "; ".join(
+                f"{r['method']} at {_pct(r['ratio_pct'])} ({r['reason']})" for r in bad), ""]
+    lines += ["## Notes", "",
+              "- Memory: snapshot buffer + curvature statistics for the mini variants (`nbytes(problem.snapshots)` "
+              "+ `nbytes(stats)`), the per-step training cache for DeltaGrad (`info['cache_bytes']`), 0 for the "
+              "others (they keep no training history; they need the parameters and the data).",
+              "- Times exclude compilation (`compile_s`, compiled ahead of time); `retrain` is the training recipe "
+              "on the remaining data. ✗ marks a method that reported non-convergence.",
+              "- Forget set of ratio ρ: `sort(np.random.default_rng(seed).choice(n, round(ρ n), replace=False))`, "
+              "as `mini-unlearn unlearn --ratio ρ --seed seed`.", "",
+              "## Runs", ""]
+    for run in runs:
+        mi = run["machine"]
+        lib = run.get("library", {})
+        libtxt = (f"library {lib.get('git_commit', '?')}{' + uncommitted changes' if lib.get('library_dirty') else ''}"
+                  f" (sources sha256 {lib.get('library_sha256', '?')}"
+                  + (", changed during the run" if "library_at_end" in run else "") + ")")
+        lines += [f"- `{run['command']}` — started {run['started']}, wall {run.get('wall_s', float('nan')):.0f}s, {libtxt}"
+                  f"{'' if run.get('finished') else ' (unfinished)'}; models {','.join(run['models'])}, ratios "
+                  f"{','.join(_target_text(run['ratios']))}; machine: nproc={mi['nproc']}, {mi['cpu']}, "
+                  f"{mi['memory']}, jax {mi['jax']} (jaxlib {mi['jaxlib']}), device {mi['device']}, "
+                  f"{mi['platform']}, Python {mi['python']}"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _fidelity_plot(cfg: GridConfig, path: Path, rows: list) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    rows = [r for r in rows if "kl_ratio" in r and r["method"] != r.get("reference")]
+    models = list(dict.fromkeys((r["model"], r["n_train"]) for r in rows))
+    if not models:
+        return
+    markers = {"mini": "o", "mini-lite": "v", "mini-plus": "^", "newton": "s", "finetune": "D",
+               "neggrad": "X", "deltagrad": "P"}
+    extra = iter(["*", "h", "p", "<", ">", "d", "8", "H"] * 4)
+    labels = _method_labels(rows)
+    for label in labels:
+        if label not in markers:
+            markers[label] = next(extra, "o")
+    ratios = sorted({float(r["ratio_pct"]) for r in rows})
+    cmap = plt.get_cmap("viridis")
+    color = {x: cmap(i / max(1, len(ratios) - 1)) for i, x in enumerate(ratios)}
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 5.2), squeeze=False)
+    floor = 1e-8
+    for ax, (model, n_train) in zip(axes[0], models, strict=True):
+        for r in rows:
+            if (r["model"], r["n_train"]) != (model, n_train):
+                continue
+            x = max(r["time_ratio"], floor)
+            y = max(r["kl_ratio"], floor) if np.isfinite(r["kl_ratio"]) else np.nan
+            ax.scatter(x, y, marker=markers[r["method"]], color=color[float(r["ratio_pct"])], s=60,
+                       edgecolors="k" if r["converged"] else "r", linewidths=0.6 if r["converged"] else 1.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+        ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+        if "kl_ratio" in cfg.targets:
+            ax.axhline(cfg.targets["kl_ratio"], color="tab:red", lw=0.6, ls=":")
+        if "time_ratio" in cfg.targets:
+            ax.axvline(cfg.targets["time_ratio"], color="tab:red", lw=0.6, ls=":")
+        ax.set_xlabel("time_s / retrain time_s (same cell)")
+        ax.set_ylabel("test KL(p_R‖p_U) / KL(p_R‖p_original)")
+        ax.set_title(f"{model} (Fashion-MNIST, n={n_train})")
+        ax.grid(True, which="both", alpha=0.25)
+    handles = [Line2D([], [], marker=markers[m], ls="", color="grey", markeredgecolor="k", label=m) for m in labels]
+    handles += [Line2D([], [], marker="o", ls="", color=color[x], label=f"{x:g}%") for x in ratios]
+    handles += [Line2D([], [], marker="o", ls="", color="w", markeredgecolor="r", markeredgewidth=1.8,
+                       label="not converged")]
+    fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
+    fig.suptitle("Fidelity vs cost (DeltaGrad against its own (S)GD retrain)"
+                 + ("; red dotted: mini targets" if cfg.targets else ""))
+    fig.tight_layout(rect=(0, 0, 0.88, 0.95))
+    tmp = path.with_name(path.stem + ".partial.png")
+    fig.savefig(tmp, dpi=130)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _fidelity_reports(cfg: GridConfig, out: Path, rows: list, runs: list, models: dict) -> None:
+    frows = _sort_fidelity([_fidelity_row(r) for r in rows])
+    runs = [_fidelity_run(r) for r in runs]
+    tmp = out / "results.json.partial"
+    tmp.write_text(json.dumps({"runs": runs, "models": models, "rows": frows}, indent=1, default=float))
+    os.replace(tmp, out / "results.json")
+    tmp = out / "results.csv.partial"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIDELITY_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in frows:
+            w.writerow(r)
+    os.replace(tmp, out / "results.csv")
+    _fidelity_table(cfg, out / "table.md", frows, runs, models)
+    _fidelity_plot(cfg, out / "fidelity_vs_time.png", frows)
 
 
 def main(argv=None) -> int:
@@ -372,11 +1075,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Run (or resume) an unlearning grid from a TOML config.")
     ap.add_argument("config")
     ap.add_argument("--out", help="override the config's output directory")
+    ap.add_argument("--fresh", action="store_true", help="discard the rows of earlier runs in the output directory")
     args = ap.parse_args(argv)
     cfg = GridConfig.load(args.config)
     if args.out:
         cfg.out = args.out
-    rows = run_grid(cfg)
-    write_reports(rows, cfg.out, command="python experiments/grid.py " + " ".join(argv or sys.argv[1:]))
+    run_grid(cfg, fresh=args.fresh, command="python experiments/grid.py " + " ".join(argv or sys.argv[1:]))
     print(Path(cfg.out) / "table.md")
     return 0
