@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,11 +12,16 @@ from jax.flatten_util import ravel_pytree
 from ..core.models import Objective
 
 
+@functools.partial(jax.jit, static_argnames=("objective",))
+def _log_softmax(objective: Objective, params, xb):
+    return jax.nn.log_softmax(objective.apply_fn(params, xb), axis=-1)
+
+
 def log_probs(objective: Objective, params, x, chunk: int = 8192) -> np.ndarray:
-    """Log class probabilities ``[n, C]`` (float64 numpy), computed in chunks."""
+    """Log class probabilities ``[n, C]`` (float64 numpy), computed in chunks (one compiled program
+    per objective and chunk shape, reused across calls)."""
     x = jnp.asarray(x)
-    fn = jax.jit(lambda p, xb: jax.nn.log_softmax(objective.apply_fn(p, xb), axis=-1))
-    out = [np.asarray(fn(params, x[i : i + chunk]), np.float64) for i in range(0, x.shape[0], chunk)]
+    out = [np.asarray(_log_softmax(objective, params, x[i : i + chunk]), np.float64) for i in range(0, x.shape[0], chunk)]
     return np.concatenate(out) if out else np.zeros((0, 0))
 
 
