@@ -84,7 +84,7 @@ METRICS = ("test_acc", "forget_acc", "retain_acc", "rel_param_error", "kl_test",
 REPORTS = ("grid", "fidelity")
 # a model entry's keys: a named recipe, build_problem's arguments, and TrainConfig fields replacing
 # the recipe's (the seed is the grid's)
-MODEL_KEYS = ({"recipe", "data", "model", "l2", "hidden", "penalize_bias"}
+MODEL_KEYS = ({"recipe", "data", "model", "l2", "hidden", "penalize_bias", "trajectory"}
               | {f.name for f in dataclasses.fields(TrainConfig)} - {"seed"})
 TARGET_KEYS = {"method", "ratios", "kl_ratio", "rel_param_error", "time_ratio"}
 
@@ -101,7 +101,9 @@ class GridConfig:
       seeds, ratios, methods: the grid's axes (ratios: fractions in (0, 1), ``"N%"``, ``"classK"``
         or ``"seqMxF"``; methods: registered non-reference names, optionally ``NAME:KEY=VALUE+...``).
       models: dicts with ``data`` and ``model`` (or a ``recipe`` name) and optionally ``l2``
-        (default 1e-3), ``hidden``, ``penalize_bias`` and TrainConfig fields.
+        (default 1e-3), ``hidden``, ``penalize_bias``, ``trajectory`` (true: keep a trajectory
+        buffer, as the CLI does for MLPs, so ``mini`` is trajectory unlearning) and TrainConfig
+        fields.
       mia: also run the loss-threshold membership attack on the removed examples.
       report: ``"grid"`` or ``"fidelity"`` (the reports' format).
       resume: skip cells already in ``results.jsonl`` (False: rerun them, replacing their rows).
@@ -311,22 +313,26 @@ def _from_fidelity_row(row: dict, models: dict) -> dict:
 class _Model(NamedTuple):
     trained: recipes.Trained
     record: dict  # the recipe, its cost, accuracy and sizes (the fidelity report's "models")
-    memory: int  # training history the mini variants keep: snapshot buffer + curvature stats
+    memory: int  # training history the fixed-point mini variants read: snapshot buffer + curvature stats
+    trajectory_memory: int = 0  # the trajectory buffer trajectory unlearning reads (0 without one)
 
 
 def _train(spec: dict, seed: int, log) -> _Model:
-    overrides = {k: v for k, v in spec.items() if k not in ("recipe", "data", "model", "l2", "hidden", "penalize_bias")}
+    overrides = {k: v for k, v in spec.items()
+                 if k not in ("recipe", "data", "model", "l2", "hidden", "penalize_bias", "trajectory")}
     l2 = float(spec.get("l2", 1e-3))
     make_config = recipes.RECIPES[spec["recipe"]][4] if "recipe" in spec else None
     log(f"grid: training {spec['model']} on {spec['data']} (l2={l2}, seed {seed}"
         + (f", recipe {spec['recipe']}" if "recipe" in spec else "") + (f", {overrides}" if overrides else "") + ")")
     tr = recipes.build_problem(spec["data"], spec["model"], l2, seed, hidden=int(spec.get("hidden", 256)),
                                penalize_bias=bool(spec.get("penalize_bias", False)),
-                               config=make_config(seed) if make_config is not None else None, **overrides)
+                               config=make_config(seed) if make_config is not None else None,
+                               trajectory=bool(spec.get("trajectory", False)), **overrides)
     pb, ds = tr.problem, tr.dataset
     p_train = mt.predict_probs(pb.objective, pb.params, ds.x_train)
     p_test = mt.predict_probs(pb.objective, pb.params, ds.x_test)
     snap_bytes, stats_bytes = nbytes(pb.snapshots), (nbytes(pb.stats) if pb.stats is not None else 0)
+    traj_bytes = nbytes(pb.extras["trajectory"].state) if "trajectory" in pb.extras else 0
     record = {
         "model": spec["model"], "data_spec": spec["data"], "n_train": ds.n_train, "n_test": int(ds.x_test.shape[0]),
         "l2": l2, "hidden": getattr(tr.model, "hidden", None), "seed": seed,
@@ -336,12 +342,13 @@ def _train(spec: dict, seed: int, log) -> _Model:
         "train_acc": mt.accuracy(p_train, ds.y_train), "test_acc": mt.accuracy(p_test, ds.y_test),
         "param_count": int(sum(np.size(a) for a in jax.tree.leaves(pb.params))),
         "param_bytes": nbytes(pb.params), "snapshot_bytes": snap_bytes, "stats_bytes": stats_bytes,
+        "trajectory_bytes": traj_bytes,
         "mini_configs": {k: dataclasses.asdict(v) for k, v in M.MINI_VARIANTS.items()},
     }
     log(f"grid: trained in {tr.train_s:.1f}s (+{tr.train_compile_s:.1f}s compile, {record['steps_run']} steps, "
         f"grad norm {record['final_grad_norm']:.2e}), train acc {record['train_acc']:.4f}, "
         f"test acc {record['test_acc']:.4f}; stats {tr.stats_s:.1f}s")
-    return _Model(tr, record, snap_bytes + stats_bytes)
+    return _Model(tr, record, snap_bytes + stats_bytes, traj_bytes)
 
 
 def _requests(kind: str, value, times: int, n: int, y, seed: int) -> list[np.ndarray]:
@@ -407,6 +414,9 @@ def _evaluate(mdl: _Model, res: M.MethodOutput, ref: _Reference, forget, memory_
     p_forget = mt.predict_probs(obj, res.params, x[forget])
     p_retain = mt.predict_probs(obj, res.params, x[np.flatnonzero(keep)])
     kl = mt.mean_kl(ref.p_test, p_test)
+    p_ref_forget = mt.predict_probs(obj, ref.params, x[forget])
+    yf = y[forget]
+    ce = lambda p: float(np.mean(-np.log(np.clip(p[np.arange(len(yf)), yf], 1e-30, 1.0)))) if len(yf) else float("nan")
     row = {
         "n_removed": int(np.size(forget)), "reference": ref.name,
         "test_acc": mt.accuracy(p_test, ds.y_test),
@@ -414,7 +424,10 @@ def _evaluate(mdl: _Model, res: M.MethodOutput, ref: _Reference, forget, memory_
         "retain_acc": mt.accuracy(p_retain, y[keep]),
         "rel_param_error": mt.rel_param_error(res.params, ref.params, ref.original),
         "kl_test": kl,
-        "kl_forget": mt.mean_kl(mt.predict_probs(obj, ref.params, x[forget]), p_forget),
+        "kl_forget": mt.mean_kl(p_ref_forget, p_forget),
+        # mean cross-entropy on the forget set: a memorising model keeps it far below the reference's
+        "forget_loss": ce(p_forget), "retrain_forget_loss": ce(p_ref_forget),
+        "forget_loss_ratio": ce(p_forget) / max(ce(p_ref_forget), 1e-30),
         "original_kl_test": ref.original_kl,
         "kl_ratio": kl / max(ref.original_kl, 1e-30),
         "agreement_test": mt.agreement(ref.p_test, p_test),
@@ -470,7 +483,10 @@ class _Cells:
             return row | {"n_removed": int(forget.size), "converged": False, "reason": f"error: {type(e).__name__}: {e}"}
         own = _own_reference(self.mdl, name, options, res, forget) if kind != "seq" else None
         ref = own or self.reference(cell, forget)
-        memory = res.info.get("cache_bytes", self.mdl.memory if name.startswith("mini") else 0)
+        if res.info.get("solver") == "trajectory":
+            memory = self.mdl.trajectory_memory
+        else:
+            memory = res.info.get("cache_bytes", self.mdl.memory if name.startswith("mini") else 0)
         row |= _evaluate(self.mdl, res, ref, forget, memory, self.cfg.mia)
         if own is not None:
             row["info"]["own_retrain_test_acc"] = own.test_acc
@@ -793,7 +809,7 @@ FIDELITY_COLUMNS = ["model", "method", "options", "ratio_pct", "seed", "n_train"
                     "test_acc", "forget_acc", "retain_acc", "rel_param_error", "kl_test", "kl_forget",
                     "original_kl_test", "kl_ratio", "agreement", "time_s", "compile_s", "retrain_time_s",
                     "time_ratio", "memory_bytes", "param_bytes", "converged", "reason", "retrain_test_acc",
-                    "original_test_acc"]
+                    "original_test_acc", "forget_loss", "retrain_forget_loss", "forget_loss_ratio"]
 
 
 def _fidelity_row(row: dict) -> dict:
@@ -929,7 +945,9 @@ def _fidelity_table(cfg: GridConfig, path: Path, rows: list, runs: list, models:
                       f"trained in {mc['train_s']:.1f}s; original train acc {mc['train_acc']:.4f}, "
                       f"test acc {mc['test_acc']:.4f}; {mc['param_count']} parameters "
                       f"({_fmt(mc['param_bytes'], 'bytes')}); snapshot buffer {_fmt(mc['snapshot_bytes'], 'bytes')}"
-                      f" (K={tc.get('snapshots')}), curvature stats {_fmt(mc['stats_bytes'], 'bytes')}.", ""]
+                      f" (K={tc.get('snapshots')}), curvature stats {_fmt(mc['stats_bytes'], 'bytes')}"
+                      + (f", trajectory buffer {_fmt(mc['trajectory_bytes'], 'bytes')}" if mc.get("trajectory_bytes")
+                         else "") + ".", ""]
         ok_rows = [r for r in mrows if "kl_ratio" in r]
         lines += _pivot(ok_rows, "kl_ratio", "sci",
                         "KL ratio: KL(p_R‖p_U) / KL(p_R‖p_original) on test (lower is better; 1 = did nothing)")
@@ -937,6 +955,10 @@ def _fidelity_table(cfg: GridConfig, path: Path, rows: list, runs: list, models:
         lines += _pivot(ok_rows, "time_ratio", "sci", "Time ratio: time_s / retrain time_s of the same cell")
         lines += _pivot(ok_rows, "test_acc", "acc", "Test accuracy")
         lines += _pivot(ok_rows, "forget_acc", "acc", "Forget-set accuracy")
+        lossy = [r for r in ok_rows if "forget_loss_ratio" in r]
+        if lossy:  # rows written before the harness recorded it have none
+            lines += _pivot(lossy, "forget_loss_ratio", "rel",
+                            "Forget-set loss / the retrained model's (1 = as unseen as after retraining; near 0 = still memorised)")
         lines += _pivot(ok_rows, "agreement", "acc", "Test prediction agreement with the retrained model")
         lines += ["**All cells**", "",
                   "| ratio | method | test acc | forget acc | rel err | kl_test | kl ratio | agree | time s | "
