@@ -298,10 +298,10 @@ def test_ekfac_is_refused_for_a_loss_other_than_softmax_cross_entropy(logreg):
     with pytest.raises(ValueError, match="plain softmax cross-entropy"):
         ul.unlearn(obj, pb.params, pb.snapshots, pb.x, pb.y, [1, 2], stats=pb.stats,
                    config=ul.MiniConfig(curvature="ekfac"))
-    assert ul._resolve_curvature(obj, ul.MiniConfig(), pb.stats) == "lbfgs"  # auto picks a path that fits
+    assert ul.resolve_curvature(obj, ul.MiniConfig(), pb.stats) == "lbfgs"  # auto picks a path that fits
     # the same loss written another way is recognised
     same = make_objective(model, 1e-2, example_loss=lambda z, t: cross_entropy(z, t))
-    assert ul._resolve_curvature(same, ul.MiniConfig(), pb.stats) == "ekfac"
+    assert ul.resolve_curvature(same, ul.MiniConfig(), pb.stats) == "ekfac"
 
 
 def test_float64_end_to_end_under_x64(logreg):

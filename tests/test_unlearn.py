@@ -164,10 +164,10 @@ def test_no_recompilation_within_a_bucket_and_vmapped_requests_match(logreg):
     cfg = ul.MiniConfig(refine_passes=2, min_bucket=128)
     args = (problem.objective, problem.params, problem.snapshots, problem.x, problem.y)
     ul.unlearn(*args, np.arange(70), stats=problem.stats, config=cfg)  # bucket 128
-    before = ul._solve_jit._cache_size()
+    before = ul.solve_jit._cache_size()
     r1 = ul.unlearn(*args, np.arange(100, 200), stats=problem.stats, config=cfg)  # 100 -> same bucket
     r2 = ul.unlearn(*args, np.arange(300, 427), stats=problem.stats, config=cfg)  # 127 -> same bucket
-    assert ul._solve_jit._cache_size() == before
+    assert ul.solve_jit._cache_size() == before
     many = ul.unlearn_many(*args, [np.arange(100, 200), np.arange(300, 427)], stats=problem.stats, config=cfg)
     for i, single in enumerate((r1, r2)):
         np.testing.assert_allclose(ravel_pytree(jax.tree.map(lambda a, i=i: a[i], many.params))[0],
@@ -241,14 +241,14 @@ def test_stream_of_requests_compiles_once_per_bucket(logreg):
     ds, problem = logreg
     cfg = ul.MiniConfig(refine_passes=1, min_bucket=64, chunk=32)  # a config no other test uses
     args = (problem.objective, problem.params, problem.snapshots, problem.x, problem.y)
-    start = ul._solve_jit._cache_size()
+    start = ul.solve_jit._cache_size()
     sizes = [5, 60, 70, 100, 130, 250, 3, 64, 128, 129, 300, 512, 17]
     rng = np.random.default_rng(0)
     buckets = set()
     for r in sizes:
         ul.unlearn(*args, rng.choice(600, r, replace=False), stats=problem.stats, config=cfg)
         buckets.add(ul.bucket_size(r, 64))
-        assert ul._solve_jit._cache_size() - start == len(buckets)
+        assert ul.solve_jit._cache_size() - start == len(buckets)
     assert buckets == {64, 128, 256, 512}
 
 

@@ -126,8 +126,8 @@ def _batch_data_grad(objective: Objective, unravel, v: Array, xb: Array, yb: Arr
 
 
 @functools.partial(jax.jit, static_argnames=("objective", "cfg", "record"))
-def _train(objective: Objective, cfg: DeltaGradConfig, params0: Params, x: Array, y: Array,
-           weights: Array, record: bool):
+def train_program(objective: Objective, cfg: DeltaGradConfig, params0: Params, x: Array, y: Array,
+                  weights: Array, record: bool):
     flat0, unravel = ravel_pytree(params0)
     n = x.shape[0]
 
@@ -161,7 +161,7 @@ def train_with_cache(objective: Objective, cfg: DeltaGradConfig, params0: Params
     """
     x, y = _as_arrays(x, y)
     weights = jnp.ones((x.shape[0],), jnp.float32)
-    params, (ws, gs) = _train(objective, cfg, params0, x, y, weights, record=True)
+    params, (ws, gs) = train_program(objective, cfg, params0, x, y, weights, record=True)
     return params, DeltaGradCache(ws, gs)
 
 
@@ -177,7 +177,7 @@ def retrain(objective: Objective, cfg: DeltaGradConfig, params0: Params, x, y, r
     x, y = _as_arrays(x, y)
     n = x.shape[0]
     keep = jnp.ones((n,), bool) if remove_mask is None else ~jnp.asarray(remove_mask, bool)
-    params, _ = _train(objective, cfg, params0, x, y, keep.astype(jnp.float32), record=False)
+    params, _ = train_program(objective, cfg, params0, x, y, keep.astype(jnp.float32), record=False)
     return params
 
 

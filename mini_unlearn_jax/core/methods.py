@@ -171,10 +171,10 @@ def _needs_snapshots(problem: Problem) -> str | None:
 def run_mini(problem: Problem, forget, config: ul.MiniConfig) -> MethodOutput:
     n = int(problem.x.shape[0])
     idx, mask = ul.pad_request(forget, n, config.min_bucket)
-    kind = ul._resolve_curvature(problem.objective, config, problem.stats)
+    kind = ul.resolve_curvature(problem.objective, config, problem.stats)
     dyn = (problem.params, problem.snapshots.params, problem.snapshots.grads, problem.snapshots.count,
            problem.stats, problem.x, problem.y, jnp.asarray(idx), jnp.asarray(mask))
-    compiled, compile_s = aot(ul._solve_jit, (problem.objective, config, kind), dyn)
+    compiled, compile_s = aot(ul.solve_jit, (problem.objective, config, kind), dyn)
     res, t = timed(compiled, *dyn)
     info = {
         "curvature": res.curvature(),
@@ -375,7 +375,7 @@ def deltagrad_retrain(problem: Problem, forget, **options) -> MethodOutput:
     cfg = deltagrad_config(problem, **options)
     keep = jnp.asarray(keep_mask(int(problem.x.shape[0]), forget))
     dyn = (problem.params0, problem.x, problem.y, keep)
-    compiled, c = aot(dg._train, (problem.objective, cfg), dyn, {"record": False})
+    compiled, c = aot(dg.train_program, (problem.objective, cfg), dyn, {"record": False})
     (out, _), t = timed(compiled, *dyn)
     return MethodOutput(out, finite(out), "converged", t, c, {})
 

@@ -338,7 +338,7 @@ def _is_softmax_cross_entropy(objective: Objective, num_classes: int) -> bool:
     return got.shape == want.shape and bool(np.allclose(got, want, rtol=1e-4, atol=1e-5))
 
 
-def _resolve_curvature(objective: Objective, cfg: MiniConfig, stats) -> str:
+def resolve_curvature(objective: Objective, cfg: MiniConfig, stats) -> str:
     kind = cfg.curvature
     ekfac_fits = (objective.kind == "logreg" and stats is not None
                   and _is_softmax_cross_entropy(objective, int(np.shape(stats.UG)[0])))
@@ -612,7 +612,7 @@ def _solve(objective: Objective, cfg: MiniConfig, kind: str, params, snap_params
     )
 
 
-_solve_jit = jax.jit(_solve, static_argnums=(0, 1, 2))
+solve_jit = jax.jit(_solve, static_argnums=(0, 1, 2))
 
 
 def _solve_many(objective, cfg, kind, params, sp, sg, sc, stats, x, y, idx, mask):
@@ -636,7 +636,7 @@ def unlearn_core(objective: Objective, params: Params, snapshots: SnapshotState,
     :func:`unlearn` for checked single requests.
     """
     with jax.ensure_compile_time_eval():  # the curvature path depends only on static facts
-        kind = _resolve_curvature(objective, config, stats)
+        kind = resolve_curvature(objective, config, stats)
     return _solve(objective, config, kind, params, snapshots.params, snapshots.grads, snapshots.count, stats,
                   jnp.asarray(x), jnp.asarray(y), jnp.asarray(idx), jnp.asarray(mask))
 
@@ -727,8 +727,8 @@ def unlearn(objective: Objective, params: Params, snapshots: SnapshotState, x, y
     """
     n = _check_inputs(params, snapshots, x, y, stats)
     idx, mask = pad_request(forget, n, config.min_bucket)
-    kind = _resolve_curvature(objective, config, stats)
-    res = _solve_jit(objective, config, kind, params, snapshots.params, snapshots.grads, snapshots.count,
+    kind = resolve_curvature(objective, config, stats)
+    res = solve_jit(objective, config, kind, params, snapshots.params, snapshots.grads, snapshots.count,
                      stats, jnp.asarray(x), jnp.asarray(y), jnp.asarray(idx), jnp.asarray(mask))
     if throw and not bool(res.converged):
         _throw(res, batch=False)
@@ -755,7 +755,7 @@ def unlearn_many(objective: Objective, params: Params, snapshots: SnapshotState,
     mask = np.zeros((count, size), np.float32)  # padding requests: an empty mask, nothing removed
     for i, (pi, mi) in enumerate(padded):
         idx[i, : pi.size], mask[i, : mi.size] = pi, mi
-    kind = _resolve_curvature(objective, config, stats)
+    kind = resolve_curvature(objective, config, stats)
     res = _solve_many_jit(objective, config, kind, params, snapshots.params, snapshots.grads, snapshots.count,
                           stats, jnp.asarray(x), jnp.asarray(y), jnp.asarray(idx), jnp.asarray(mask))
     if count != len(padded):
