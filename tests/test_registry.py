@@ -74,3 +74,11 @@ def test_a_method_that_does_not_apply_is_refused_with_its_reason(tmp_path):
             mu.run_method("needs-stats", problem, [1])
     finally:
         M.unregister_method("needs-stats")
+
+
+def test_retrain_without_initial_parameters_says_what_is_missing():
+    x = np.zeros((10, 3), np.float32)
+    problem = mu.Problem(None, lambda *a: None, None, {"w": np.ones(2)}, None, None, x, np.zeros(10, np.int32))
+    assert "params0" in mu.applicable("retrain", problem)
+    with pytest.raises(ValueError, match="params0"):
+        mu.run_method("retrain", problem, [1])

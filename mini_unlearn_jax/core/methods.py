@@ -159,6 +159,18 @@ def _needs_recipe(what: str):
     return needs
 
 
+def _needs_params0(problem: Problem) -> str | None:
+    if problem.params0 is None:
+        return "it trains from the initial parameters, and Problem.params0 is None (save_run(params0=...) keeps them)"
+    return None
+
+
+def _needs_all(*checks):
+    def needs(problem: Problem) -> str | None:
+        return next((why for why in (c(problem) for c in checks) if why), None)
+    return needs
+
+
 def _needs_snapshots(problem: Problem) -> str | None:
     if problem.snapshots is None:
         return "it reads the snapshot buffer, and Problem.snapshots is None (thread a snapshot_buffer through training)"
@@ -473,13 +485,14 @@ register_method("mini-lite", _mini_variant("mini-lite"), needs=_needs_snapshots,
                 summary="Mini-Unlearning without any pass over the remaining data")
 register_method("mini-plus", _mini_variant("mini-plus"), needs=_needs_snapshots,
                 summary="Mini-Unlearning with more refinement (24 CG steps)")
-register_method("retrain", run_retrain, reference=True,
+register_method("retrain", run_retrain, reference=True, needs=_needs_params0,
                 summary="ground truth: the training recipe rerun on the remaining data")
 register_method("newton", run_newton, summary="Newton-CG on the remaining data with exact Hessian-vector products")
 register_method("finetune", run_finetune, needs=_needs_recipe("continues training with the recipe's optimizer"),
                 summary="one epoch (or 10 full-batch steps) of the recipe on the remaining data, from w*")
 register_method("neggrad", run_neggrad, summary="gradient ascent on the removed examples' loss")
-register_method("deltagrad", run_deltagrad, needs=_needs_recipe("replays the recipe's mini-batch schedule"),
+register_method("deltagrad", run_deltagrad,
+                needs=_needs_all(_needs_recipe("replays the recipe's mini-batch schedule"), _needs_params0),
                 summary="DeltaGrad (Wu et al. 2020) on its own (S)GD trajectory; sound only for small removals")
 register_method("trajectory", tj.run_from_problem, needs=tj.needs_trajectory,
                 summary="trajectory unlearning: rewind along the trajectory buffer, short one-cycle retrain, "
