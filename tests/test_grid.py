@@ -265,3 +265,39 @@ def test_grid_toml_loads():
     cfg = GridConfig.load(ROOT / "experiments" / "grid.toml")
     assert cfg.report == "grid" and cfg.resume and len(cfg.cells()) == 2 * 3 * 8 * 7
     assert np.all([parse_ratio(r)[0] in ("uniform", "class", "seq") for r in cfg.ratios])
+
+
+def test_forget_score_over_seeds_on_a_shared_forget_set(tmp_path):
+    """forget_score over 8 seeds on one forget set (forget_seed): a method that returns exactly the
+    retrained model scores 1 (indistinguishable), one that returns a constant-output model scores
+    0; configurations that cannot give a score are refused."""
+    def retrain_copy(problem, forget):
+        return M.run_method("retrain", problem, forget)
+
+    def zero(problem, forget):
+        import jax
+
+        return MethodOutput(jax.tree.map(lambda a: a * 0, problem.params), True, "zeroed", 0.0, 0.0, {})
+
+    M.register_method("retrain-copy", retrain_copy, summary="toy: retraining under another name")
+    M.register_method("zero", zero, summary="toy: a constant-output model")
+    try:
+        seeds = list(range(8))
+        cfg = GridConfig(out=str(tmp_path / "fs"), seeds=seeds, ratios=[0.2], methods=["retrain-copy", "zero"],
+                         models=[{"data": DATA, "model": "mlp", "hidden": 8, "steps": 30}], mia=False,
+                         forget_seed=0, forget_score=True)
+        rows = run_grid(cfg, command="test", log=lambda *_: None)
+    finally:
+        M.unregister_method("retrain-copy")
+        M.unregister_method("zero")
+    assert len({r["seed"] for r in rows}) == 8 and len({r["n_removed"] for r in rows}) == 1
+    scores = {s["method"]: s for s in json.loads((tmp_path / "fs" / "forget_score.json").read_text())}
+    assert scores["retrain-copy"]["seeds"] == 8 and scores["retrain-copy"]["forget_score"] == pytest.approx(1.0)
+    assert scores["zero"]["forget_score"] == pytest.approx(0.0)
+    assert "Forget score" in (tmp_path / "fs" / "table.md").read_text()
+    with pytest.raises(ValueError, match="at least 8 seeds"):
+        GridConfig(out=str(tmp_path / "x"), seeds=[0, 1, 2], ratios=[0.2], methods=["finetune"],
+                   models=[{"data": DATA, "model": "mlp"}], forget_seed=0, forget_score=True)
+    with pytest.raises(ValueError, match="set forget_seed"):
+        GridConfig(out=str(tmp_path / "x"), seeds=seeds, ratios=[0.2], methods=["finetune"],
+                   models=[{"data": DATA, "model": "mlp"}], forget_score=True)

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -75,6 +76,7 @@ from ..core import methods as M
 from ..core.problem import keep_mask
 from ..core.snapshots import nbytes
 from ..core.training import TrainConfig
+from ..evaluation import attacks as A
 from ..evaluation import metrics as mt
 from . import recipes
 from .data import DataError
@@ -86,6 +88,7 @@ REPORTS = ("grid", "fidelity")
 # the recipe's (the seed is the grid's)
 MODEL_KEYS = ({"recipe", "data", "model", "l2", "hidden", "penalize_bias", "trajectory"}
               | {f.name for f in dataclasses.fields(TrainConfig)} - {"seed"})
+FORGET_SCORE_MIN_SEEDS = 8
 TARGET_KEYS = {"method", "ratios", "kl_ratio", "rel_param_error", "time_ratio"}
 
 
@@ -111,6 +114,14 @@ class GridConfig:
       targets: the fidelity report's acceptance check: ``method``, ``ratios`` and upper bounds on
         ``kl_ratio``, ``rel_param_error``, ``time_ratio``.
       title, intro: the report's heading and the paragraph below it.
+      forget_seed: draw the uniform forget sets from this seed for every model seed (default: the
+        cell's seed), so that the models of different seeds forget the same examples.
+      forget_score: also compute the forget score of the NeurIPS 2023 unlearning challenge
+        (:func:`~mini_unlearn_jax.evaluation.attacks.forget_score`) per data, model, ratio and
+        method over the seeds: the unlearned models' per-example LiRA statistic on the forget set
+        against the retrained models' (needs >= 8 seeds, below which its confidence bounds cannot
+        separate anything, and the same forget set for every seed: class ratios, or
+        ``forget_seed``). Written to ``forget_score.json`` and the table.
     """
 
     out: str
@@ -125,6 +136,8 @@ class GridConfig:
     targets: dict = dataclasses.field(default_factory=dict)
     title: str = ""
     intro: str = ""
+    forget_seed: int | None = None
+    forget_score: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -183,6 +196,15 @@ class GridConfig:
             raise ValueError(f"targets: unknown keys {sorted(bad)}; use {', '.join(sorted(TARGET_KEYS))}")
         for r in self.targets.get("ratios", []):
             parse_ratio(r)
+        if self.forget_score:
+            if len(set(self.seeds)) < FORGET_SCORE_MIN_SEEDS:
+                raise ValueError(f"forget_score needs at least {FORGET_SCORE_MIN_SEEDS} seeds: with m models per side "
+                                 "the 95 % Clopper-Pearson bounds cannot tell even fully separable outputs apart "
+                                 "below m = 8 (every method would score 1)")
+            shared = [r for r in self.ratios if parse_ratio(r)[0] == "class" or self.forget_seed is not None]
+            if len(shared) != len(self.ratios) or any(parse_ratio(r)[0] == "seq" for r in self.ratios):
+                raise ValueError("forget_score compares the seeds' models on the same forget set: use class ratios, "
+                                 "or set forget_seed for uniform ones (sequential ratios are not supported)")
 
     def cells(self) -> list[dict]:
         return [{"data": m["data"], "model": m["model"], "seed": s, "ratio": str(r), "method": str(meth)}
@@ -446,6 +468,48 @@ def _evaluate(mdl: _Model, res: M.MethodOutput, ref: _Reference, forget, memory_
     return row
 
 
+def _phi_path(out: Path, cell: dict) -> Path:
+    key = json.dumps([cell["data"], cell["model"], int(cell["seed"]), str(cell["ratio"]), cell["method"]])
+    return out / "forget_phi" / (hashlib.sha1(key.encode()).hexdigest()[:20] + ".npz")
+
+
+def _save_phi(out: Path, cell: dict, mdl: _Model, unlearned, reference, forget) -> None:
+    """The per-example LiRA statistic (logit-scaled confidence) of the unlearned and the reference
+    model on the forget set, for the forget score over seeds."""
+    pb = mdl.trained.problem
+    xf, yf = pb.x[forget], pb.y[forget]
+    phi = lambda w: np.asarray(A.logit_confidence(pb.objective.apply_fn(w, xf), yf), np.float64)
+    path = _phi_path(out, cell)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, unlearned=phi(unlearned), reference=phi(reference), forget=np.asarray(forget, np.int64))
+
+
+def _forget_scores(cfg: GridConfig, out: Path, rows: list[dict]) -> list[dict]:
+    """The forget score of every (data, model, ratio, method) over the seeds whose statistics exist."""
+    groups: dict = {}
+    for r in rows:
+        if r["method"] == r.get("reference") or "kl_ratio" not in r:
+            continue
+        path = _phi_path(out, r)
+        if path.exists():
+            groups.setdefault((r["data"], r["model"], str(r["ratio"]), r["method"]), []).append(path)
+    scores = []
+    for (data, model, ratio, method), paths in sorted(groups.items()):
+        loaded = [np.load(p) for p in paths]
+        same = all(np.array_equal(d["forget"], loaded[0]["forget"]) for d in loaded)
+        entry = {"data": data, "model": model, "ratio": ratio, "method": method, "seeds": len(loaded)}
+        if len(loaded) >= FORGET_SCORE_MIN_SEEDS and same:
+            u = np.stack([d["unlearned"] for d in loaded])
+            r_ = np.stack([d["reference"] for d in loaded])
+            entry["forget_score"] = A.forget_score(u, r_)
+        else:
+            entry["forget_score"] = None
+            entry["why_none"] = (f"fewer than {FORGET_SCORE_MIN_SEEDS} seeds" if len(loaded) < FORGET_SCORE_MIN_SEEDS
+                                 else "the seeds' forget sets differ")
+        scores.append(entry)
+    return scores
+
+
 class _Cells:
     """Runs the cells of one trained model, keeping its references (one retrain per ratio)."""
 
@@ -470,7 +534,8 @@ class _Cells:
         name, options = parse_method(cell["method"])
         kind, value, times = parse_ratio(cell["ratio"])
         row = dict(cell, options=json.dumps(options) if options else "", n_train=ds.n_train)
-        requests = _requests(kind, value, times, ds.n_train, ds.y_train, cell["seed"])
+        draw_seed = cell["seed"] if self.cfg.forget_seed is None else self.cfg.forget_seed
+        requests = _requests(kind, value, times, ds.n_train, ds.y_train, draw_seed)
         forget = np.sort(np.concatenate(requests))
         why = M.applicable(name, pb)
         if why:
@@ -488,6 +553,8 @@ class _Cells:
         else:
             memory = res.info.get("cache_bytes", self.mdl.memory if name.startswith("mini") else 0)
         row |= _evaluate(self.mdl, res, ref, forget, memory, self.cfg.mia)
+        if self.cfg.forget_score:
+            _save_phi(Path(self.cfg.out), cell, self.mdl, res.params, ref.params, forget)
         if own is not None:
             row["info"]["own_retrain_test_acc"] = own.test_acc
             row["info"]["own_original_test_acc"] = own.original_test_acc
@@ -647,7 +714,6 @@ def machine_info() -> dict:
 
 def library_version() -> dict:
     """Git commit of the checkout, whether the library has uncommitted changes, and a hash of its sources."""
-    import hashlib
 
     pkg = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
@@ -739,6 +805,20 @@ def _grid_reports(cfg: GridConfig, out: Path, rows: list[dict], command: str) ->
                     cellsx.append("—" if s is None else (fmtx.format(s[0]) + (f" ± {fmtx.format(s[1])}" if s[2] > 1 else "")))
                 lines.append(f"| {meth} | " + " | ".join(cellsx) + " |")
             lines.append("")
+    if cfg.forget_score:
+        scores = _forget_scores(cfg, out, rows)
+        (out / "forget_score.json").write_text(json.dumps(scores, indent=1, default=float))
+        lines += ["## Forget score (NeurIPS 2023 unlearning challenge metric)", "",
+                  "Per forget example, the best threshold or interval attack on the seeds' LiRA statistics separates "
+                  "unlearned from retrained models with an epsilon (Clopper-Pearson bounds at 95 %); the score averages "
+                  "2^-bucket(epsilon) over examples: 1 = indistinguishable, 0 = separable. With m seeds per side it "
+                  "resolves epsilons up to ceil(log(m - 1)): 8 seeds give a coarse score, the challenge used 512 "
+                  "models.", "",
+                  "| data | model | ratio | method | seeds | forget score |", "|---|---|---|---|---:|---:|"]
+        for e in scores:
+            v = "—" if e["forget_score"] is None else f"{e['forget_score']:.3f}"
+            lines.append(f"| {e['data']} | {e['model']} | {e['ratio']} | {e['method']} | {e['seeds']} | {v} |")
+        lines.append("")
     (out / "table.md").write_text("\n".join(lines))
     _grid_plots(rows, summ, out)
 
