@@ -2,7 +2,9 @@
 
 ``python tests/_user_model.py restore RUN_DIR`` restores the run saved by the test in a fresh
 process and runs every applicable registered method on it through the public API, printing
-JSON. Nothing here uses the package's Trainer or TrainConfig.
+JSON. ``python tests/_user_model.py conditioning`` prints `mini`'s relative error to the user's
+retraining for two L2 coefficients and both generic curvature paths (the README's figures).
+Nothing here uses the package's Trainer or TrainConfig.
 """
 
 from __future__ import annotations
@@ -103,6 +105,30 @@ def restore(run_dir: str) -> dict:
     return out
 
 
+def conditioning() -> None:
+    """`mini` on this model at L2 0.1 and 0.03 (every parameter penalised), lbfgs and exact curvature."""
+    global L2
+    x, y = data()
+    p0 = init(x)
+    flat = lambda t: np.concatenate([np.ravel(np.asarray(a, np.float64)) for a in jax.tree.leaves(t)])
+    forget = np.arange(0, 240, 8)
+    keep = np.ones(240, np.float32)
+    keep[forget] = 0
+    for l2 in (0.1, 0.03):
+        L2 = l2
+        jax.clear_caches()  # `train` reads L2 when traced: drop the trace of the previous coefficient
+        w, buf = jax.jit(train)(p0, x, y)
+        ref = jax.jit(train)(p0, x, y, jnp.asarray(keep))[0]
+        problem = mu.Problem(objective(), recipe, p0, w, buf, None, x, y)
+        for curvature in ("lbfgs", "exact"):
+            res = mu.run_method("mini", problem, forget, curvature=curvature)
+            err = np.linalg.norm(flat(res.params) - flat(ref)) / np.linalg.norm(flat(w) - flat(ref))
+            print(f"L2 {l2}: mini (curvature={curvature}) {res.info['status']} after {res.info['iterations']} "
+                  f"iterations, relative error {err:.3f}")
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["restore"]:
         print(json.dumps(restore(sys.argv[2])))
+    elif sys.argv[1:2] == ["conditioning"]:
+        conditioning()
