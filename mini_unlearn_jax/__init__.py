@@ -74,7 +74,7 @@ def __getattr__(name):
         value = module if _LAZY[name].endswith("." + name) else getattr(module, name)
         globals()[name] = value
         return value
-    if name in _MOVED:
+    if name in _MOVED or name in ("app", "evaluation"):
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -107,3 +107,6 @@ def test_old_flat_module_paths_still_import():
     assert mu.attacks.__name__ == "mini_unlearn_jax.evaluation.attacks" and mu.load_run.__module__.endswith("checkpoint")
     with pytest.raises(AttributeError):
         mu.no_such_name  # noqa: B018
+    code = "import mini_unlearn_jax as mu; print(mu.app.__name__, mu.evaluation.__name__)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["mini_unlearn_jax.app", "mini_unlearn_jax.evaluation"], proc.stderr[-2000:]
