@@ -152,9 +152,7 @@ def _abstract(meta: dict):
 def _abstract_custom(meta: dict, like):
     """The abstract tree of a run of your own model, from the parameter tree ``like``."""
     params = _shape_tree(like)
-    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), params)
-    tree = {"params": params,
-            "snapshots": _shape_tree(jax.eval_shape(snapshot_buffer(int(meta["snapshot_size"])).init, zeros))}
+    tree = {"params": params, "snapshots": jax.eval_shape(snapshot_buffer(int(meta["snapshot_size"])).init, params)}
     if meta.get("has_params0"):
         tree["params0"] = params
     if meta.get("has_stats"):

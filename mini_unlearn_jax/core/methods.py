@@ -431,10 +431,12 @@ def refresh_for_next_request(problem: Problem, params, forget) -> Refresh:
     (snaps, stats), t = timed(compiled, *dyn)
     extras = dict(problem.extras)
     if "trajectory" in extras:  # its last slot becomes the new model; the profile is retaken on the remaining data
-        t0 = time.perf_counter()
-        extras["trajectory"] = jax.block_until_ready(tj.refresh_trajectory(problem.objective, extras["trajectory"],
-                                                                           params, x, y))
-        t += time.perf_counter() - t0
+        data = extras["trajectory"]
+        dyn_t = (data.state, params, x, y, data.x_val, data.y_val)
+        compiled_t, c_t = aot(tj.refresh_program, (problem.objective,), dyn_t)
+        (state, profile), t_t = timed(compiled_t, *dyn_t)
+        extras["trajectory"] = data._replace(state=state, profile=profile)
+        t, c = t + t_t, c + c_t
     return Refresh(dataclasses.replace(problem, params=params, snapshots=snaps, stats=stats, x=x, y=y, extras=extras),
                    t, c)
 

@@ -522,7 +522,8 @@ def run_from_problem(problem, forget, **options) -> MethodOutput:
 
 
 @functools.partial(jax.jit, static_argnames=("objective",))
-def _refreshed(objective: Objective, state: TrajectoryState, params, x, y, x_val, y_val):
+def refresh_program(objective: Objective, state: TrajectoryState, params, x, y, x_val, y_val):
+    """The jitted pass behind :func:`refresh_trajectory`: ``(state, profile)`` for the next request."""
     last = state.steps.shape[0] - 1
     put = lambda buf, v: buf.at[last].set(v.astype(buf.dtype))
     state = state._replace(params=jax.tree.map(put, state.params, params))
@@ -534,5 +535,5 @@ def refresh_trajectory(objective: Objective, data: TrajectoryData, params, x, y)
     ``(x, y)``: the last slot (the calibration target's model) becomes ``params``; the earlier
     snapshots stay, and the profile is recomputed on the remaining data, so the rewind rule keeps
     judging them by how well they fit data unseen versus seen."""
-    state, profile = _refreshed(objective, data.state, params, jnp.asarray(x), jnp.asarray(y), data.x_val, data.y_val)
+    state, profile = refresh_program(objective, data.state, params, jnp.asarray(x), jnp.asarray(y), data.x_val, data.y_val)
     return data._replace(state=state, profile=profile)
