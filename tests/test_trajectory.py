@@ -155,3 +155,18 @@ def test_baselines_run_and_keep_shapes(tiny):
                 TJ.run_salun(problem, forget, steps=5, lr=1e-3)):
         assert out.converged
         assert jax.tree.map(jnp.shape, out.params) == jax.tree.map(jnp.shape, problem.params)
+
+
+def test_keeping_a_trajectory_leaves_training_and_its_gradient_buffer_unchanged(tiny):
+    """What `train --model mlp` and build_problem(trajectory=True) run: the Trainer with a trajectory
+    buffer next to its gradient buffer gives the same w* and the same gradient snapshots, bit for bit."""
+    from mini_unlearn_jax.core.snapshots import trajectory_buffer
+
+    ds, obj, cfg, problem, _ = tiny
+    plain = Trainer(obj, cfg).fit(problem.params0, ds.x_train, ds.y_train)
+    both = Trainer(obj, cfg, trajectory=trajectory_buffer(TJ.log_schedule(cfg.steps, 10))).fit(
+        problem.params0, ds.x_train, ds.y_train)
+    np.testing.assert_array_equal(ravel_pytree(plain.params)[0], ravel_pytree(both.params)[0])
+    for a, b in zip(jax.tree.leaves(plain.snapshots), jax.tree.leaves(both.snapshots), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(both.trajectory.steps, TJ.log_schedule(cfg.steps, 10))
