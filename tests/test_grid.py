@@ -301,3 +301,14 @@ def test_forget_score_over_seeds_on_a_shared_forget_set(tmp_path):
     with pytest.raises(ValueError, match="set forget_seed"):
         GridConfig(out=str(tmp_path / "x"), seeds=seeds, ratios=[0.2], methods=["finetune"],
                    models=[{"data": DATA, "model": "mlp"}], forget_score=True)
+
+
+def test_fresh_never_deletes_a_results_jsonl_it_did_not_write(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "results.jsonl").write_text('{"my": "notes"}\nmore of my notes\n')
+    cfg = GridConfig(out=str(out), seeds=[0], ratios=[0.1], methods=["neggrad"],
+                     models=[{"data": DATA, "model": "logreg"}], mia=False)
+    with pytest.raises(ValueError, match="not a row store of this harness"):
+        run_grid(cfg, fresh=True, command="test", log=lambda *_: None)
+    assert (out / "results.jsonl").read_text() == '{"my": "notes"}\nmore of my notes\n'

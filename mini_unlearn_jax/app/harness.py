@@ -287,6 +287,21 @@ def parse_method(label: str) -> tuple[str, dict]:
 # -- rows on disk ---------------------------------------------------------------------------
 
 
+def _check_ours(path: Path) -> None:
+    """Raise unless every complete line of ``path`` is a grid row (JSON with the cell's keys)."""
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            key_of(json.loads(line))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            if i == len(lines) - 1:
+                continue  # a last line cut by an interruption (load_rows skips it too)
+            raise ValueError(f"{path} is not a row store of this harness (line {i + 1} is not a grid row); "
+                             "it is left as it is: choose another output directory") from None
+
+
 def key_of(row: dict) -> tuple:
     return (row["data"], row["model"], int(row["seed"]), str(row["ratio"]), row["method"])
 
@@ -604,6 +619,7 @@ def run_grid(cfg: GridConfig, *, fresh: bool = False, command: str | None = None
     out.mkdir(parents=True, exist_ok=True)
     sink_path = out / "results.jsonl"
     if fresh and sink_path.exists():
+        _check_ours(sink_path)  # --fresh deletes only a row store this harness wrote
         sink_path.unlink()
     runs, models = _previous_fidelity(out) if cfg.report == "fidelity" and not fresh else ([], {})
     if cfg.report == "fidelity" and not sink_path.exists() and not fresh and (out / "results.json").exists():
