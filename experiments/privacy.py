@@ -37,13 +37,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import stats as sps
 
 from mini_unlearn_jax.app import recipes
 from mini_unlearn_jax.core import methods as M
 from mini_unlearn_jax.evaluation import attacks as A
 from mini_unlearn_jax.evaluation import privacy as P
-from mini_unlearn_jax.evaluation.metrics import accuracy, predict_probs
+from mini_unlearn_jax.evaluation.metrics import accuracy, mean_t_interval, predict_probs
 
 RECIPE = "leaky-mlp"  # the setting (data, model, l2, Adam recipe): mini_unlearn_jax/app/recipes.py
 METHODS = ("mini", "mini-lite", "mini-plus", "newton", "finetune", "neggrad")
@@ -232,16 +231,6 @@ def run_seed(seed: int, tr: recipes.Trained, args, x_held, y_held, shadow_sets) 
     return out, curves_by_ratio
 
 
-def t_interval(values) -> list[float]:
-    """``[mean, lo, hi]``: the mean and its 95% Student-t interval (NaN bounds for one value)."""
-    v = np.asarray(values, np.float64)
-    mean = float(v.mean())
-    if v.size < 2:
-        return [mean, float("nan"), float("nan")]
-    half = float(sps.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
-    return [mean, mean - half, mean + half]
-
-
 SUMMARY_KEYS = ("test_acc_pts", "forget_loss_ratio", "loss_gap", "lira_gap", "time_ratio")
 # how each is printed: (decimals, signed)
 KEY_FORMAT = {"test_acc_pts": (2, True), "forget_loss_ratio": (2, False), "loss_gap": (3, True),
@@ -257,13 +246,13 @@ def summarise(results: dict, args) -> dict:
         block = {}
         for name in SUMMARY_MODELS:
             rows = [ps[name] for ps in per_seed]
-            d = {k: t_interval([r[k] for r in rows]) for k in SUMMARY_KEYS if all(k in r for r in rows)}
+            d = {k: mean_t_interval([r[k] for r in rows]) for k in SUMMARY_KEYS if all(k in r for r in rows)}
             d["not_converged"] = sum(1 for r in rows if r.get("converged") is False)
             d["broken"] = sum(1 for r in rows if r["broken"])
             d["per_seed"] = {k: [r.get(k) for r in rows] for k in SUMMARY_KEYS + ("converged", "broken")}
             block[name] = d
-        block["_reference"] = {ref: {"test_acc": t_interval([ps[ref]["test_acc"] for ps in per_seed]),
-                                     "time_s": t_interval([ps[ref]["time_s"] for ps in per_seed])}
+        block["_reference"] = {ref: {"test_acc": mean_t_interval([ps[ref]["test_acc"] for ps in per_seed]),
+                                     "time_s": mean_t_interval([ps[ref]["time_s"] for ps in per_seed])}
                                for ref in ("retrain", "deltagrad-retrain")}
         summ[key] = block
     return summ

@@ -38,13 +38,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import stats as sps
 
 from mini_unlearn_jax.app import recipes
 from mini_unlearn_jax.core import methods as M
 from mini_unlearn_jax.core import trajectory as TJ
 from mini_unlearn_jax.evaluation import privacy as P
-from mini_unlearn_jax.evaluation.metrics import accuracy, predict_probs
+from mini_unlearn_jax.evaluation.metrics import accuracy, mean_t_interval, predict_probs
 
 T0 = time.perf_counter()
 RECIPE = "leaky-mlp"  # the setting (data, model, l2, Adam recipe): mini_unlearn_jax/app/recipes.py
@@ -113,15 +112,6 @@ def baseline_runs(problem, forget) -> dict:
 def forget_loss(objective, params, x, y) -> float:
     p = predict_probs(objective, params, x)
     return float(np.mean(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, 1.0))))
-
-
-def ci95(v) -> tuple[float, float, float]:
-    v = np.asarray(v, np.float64)
-    m = float(np.mean(v))
-    if v.size < 2:
-        return m, float("nan"), float("nan")
-    h = float(sps.t.ppf(0.975, v.size - 1) * np.std(v, ddof=1) / np.sqrt(v.size))
-    return m, m - h, m + h
 
 
 def train(seed: int, args, data=None) -> recipes.Trained:
@@ -222,14 +212,14 @@ def summarise(results: dict, args) -> dict:
         for name in MODELS:
             rows = [ps[name] for ps in per_seed]
             ret = [ps["retrain"] for ps in per_seed]
-            d = {"test_acc_pts": ci95([100 * (a["test_acc"] - b["test_acc"]) for a, b in zip(rows, ret, strict=True)]),
-                 "forget_loss_ratio": ci95([a["forget_loss_ratio"] for a in rows]),
-                 "loss_gap": ci95([a.get("loss_gap", a["loss_auc"] - b["loss_auc"]) for a, b in zip(rows, ret, strict=True)])}
+            d = {"test_acc_pts": mean_t_interval([100 * (a["test_acc"] - b["test_acc"]) for a, b in zip(rows, ret, strict=True)]),
+                 "forget_loss_ratio": mean_t_interval([a["forget_loss_ratio"] for a in rows]),
+                 "loss_gap": mean_t_interval([a.get("loss_gap", a["loss_auc"] - b["loss_auc"]) for a, b in zip(rows, ret, strict=True)])}
             if "lira_auc" in rows[0]:
-                d["lira_gap"] = ci95([a["lira_gap"] if "lira_gap" in a else a["lira_auc"] - b["lira_auc"]
+                d["lira_gap"] = mean_t_interval([a["lira_gap"] if "lira_gap" in a else a["lira_auc"] - b["lira_auc"]
                                       for a, b in zip(rows, ret, strict=True)])
             if "time_ratio" in rows[0]:
-                d["time_ratio"] = ci95([a["time_ratio"] for a in rows])
+                d["time_ratio"] = mean_t_interval([a["time_ratio"] for a in rows])
             d["per_seed"] = [{k: a.get(k) for k in ("test_acc", "forget_loss", "loss_auc", "lira_auc", "time_ratio",
                                                     "rewind_step", "steps")} for a in rows]
             block[name] = d

@@ -47,6 +47,19 @@ def agreement(p_ref: np.ndarray, p: np.ndarray) -> float:
     return float(np.mean(np.argmax(p_ref, -1) == np.argmax(p, -1)))
 
 
+def mean_t_interval(values) -> tuple[float, float, float]:
+    """``(mean, lo, hi)``: the mean of ``values`` (e.g. one per seed) and its 95 % Student-t
+    interval; NaN bounds for a single value."""
+    from scipy import stats
+
+    v = np.asarray(values, np.float64)
+    mean = float(v.mean())
+    if v.size < 2:
+        return mean, float("nan"), float("nan")
+    half = float(stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
+    return mean, mean - half, mean + half
+
+
 def param_distance(a, b) -> float:
     return float(jnp.linalg.norm(ravel_pytree(a)[0] - ravel_pytree(b)[0]))
 
