@@ -38,7 +38,9 @@ TRAJECTORY_CAVEAT = (
     "retraining on the remaining data, temperature calibration): an approximation of retraining, not a "
     "guarantee. On the leaky MLP of experiments/results/privacy/table.md its loss-attack and LiRA AUC were "
     "within 0.03 of retraining's at 10 % and 30 % removal on three seeds; on the 10,000-image MLP of "
-    "experiments/results/fidelity/table.md its test accuracy was 1.2-2.7 points below retraining's. Measure it "
+    "experiments/results/fidelity/table.md its test accuracy was within 0.5 points of retraining's at 1-50 % "
+    "removal (one seed), and a plain retraining from the initialisation for the same time had smaller "
+    "AUC gaps, at lower accuracy (experiments/results/trajectory/table.md). Measure it "
     "with --compare-retrain --mia, and retrain where the removed examples must provably not be memorised.")
 
 NONCONVEX_CAVEAT = (
