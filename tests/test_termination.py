@@ -178,6 +178,36 @@ def test_refinement_that_does_not_reduce_the_residual_falls_back_to_the_fixed_po
     np.testing.assert_allclose(flat(res.params), flat(lite.params), rtol=1e-6, atol=1e-7)
 
 
+def test_refinement_whose_step_raises_the_objective_falls_back_to_the_fixed_point(logreg, monkeypatch):
+    # the linear model's residual claims progress (0.5 < 1) while the step wrecks the model, as on a
+    # non-convex MLP: the true remaining-data objective catches it
+    ds, pb = logreg
+    forget = np.arange(0, 600, 4)
+    lite = ul.unlearn(*_args(pb), forget, stats=pb.stats, config=ul.MiniConfig(refine_passes=0, tol=1.1e-5))
+    real = cv.pcg
+
+    def wrecking(A, b, x0, precond, iters, rtol=1e-6, *, initial_residual=False):
+        d, _, used, rel0 = real(A, b, x0, precond, iters, rtol, initial_residual=True)
+        return d + 3.0, jnp.asarray(0.5, b.dtype), used, rel0
+
+    monkeypatch.setattr(cv, "pcg", wrecking)
+    # a config no other test compiles: jit's cache must not hand back a program traced with another pcg
+    res = ul.unlearn(*_args(pb), forget, stats=pb.stats, config=ul.MiniConfig(refine_passes=4, tol=1.1e-5))
+    assert int(res.status) == ul.REFINE_ROSE and bool(res.converged) and res.status_name() == "refine_rose"
+    assert "raised the remaining-data objective" in res.reason()
+    np.testing.assert_allclose(flat(res.params), flat(lite.params), rtol=1e-6, atol=1e-7)
+
+
+def test_an_accepted_refinement_lowers_the_remaining_objective(logreg):
+    ds, pb = logreg
+    forget = np.arange(0, 600, 4)
+    keep = jnp.asarray(np.isin(np.arange(len(ds.x_train)), forget, invert=True).astype(np.float32))
+    f = lambda p: float(pb.objective.value(p, jnp.asarray(ds.x_train), jnp.asarray(ds.y_train), keep))
+    lite = ul.unlearn(*_args(pb), forget, stats=pb.stats, config=ul.MiniConfig(refine_passes=0, tol=1.1e-5))
+    res = ul.unlearn(*_args(pb), forget, stats=pb.stats, config=ul.MiniConfig(refine_passes=5, tol=1.1e-5))
+    assert int(res.status) == ul.CONVERGED and f(res.params) < f(lite.params)
+
+
 def test_refinement_with_a_wrong_sign_operator_returns_the_input(logreg, monkeypatch):
     ds, pb = logreg
     real = cv.ggn_vp

@@ -46,8 +46,12 @@ on the linearised fixed point ``H_{D\\R}(w*) d = -g_R(w*)`` started from the fix
 exactly ``k`` exact Gauss-Newton-vector products over the remaining data (masked passes): one for
 the residual at the start, ``k - 1`` CG steps (fewer if CG converges). It is judged by its
 relative residual ``||H d + g_R(w*)|| / ||g_R(w*)||`` (1 is the residual of not moving): below 1
-it is accepted; otherwise the fixed-point iterate is returned if its own residual is below 1
-(``REFINE_NO_PROGRESS``, a success), else the input parameters (``REFINE_FAILED``).
+it is accepted, as long as the refined point's remaining-data objective (two forward reads of
+the data, in the time but not in ``data_passes``) is at most the fixed-point iterate's (``REFINE_ROSE``, a success,
+returns the fixed-point iterate: on a non-convex model the residual of the linear model can fall
+while its step wrecks the model); otherwise the fixed-point iterate is returned if its own
+residual is below 1 (``REFINE_NO_PROGRESS``, a success), else the input parameters
+(``REFINE_FAILED``).
 On the EKFAC path the products use the softmax probabilities at ``w*``, computed once (one forward
 read of the data, not counted in ``data_passes`` but in the time), through the loss
 :func:`curvature.frozen_softmax_loss`: each product then reads the data twice instead of three
@@ -79,12 +83,12 @@ Params = Any
 # -- result codes ---------------------------------------------------------------------------
 
 CONVERGED, MAX_ITER, EXPANDING, NONFINITE, REFINE_FAILED = 0, 1, 2, 3, 4
-NOT_CONTRACTING, AT_RESOLUTION, REFINE_NO_PROGRESS = 5, 6, 7
-SUCCESS = (CONVERGED, AT_RESOLUTION, REFINE_NO_PROGRESS)
+NOT_CONTRACTING, AT_RESOLUTION, REFINE_NO_PROGRESS, REFINE_ROSE = 5, 6, 7, 8
+SUCCESS = (CONVERGED, AT_RESOLUTION, REFINE_NO_PROGRESS, REFINE_ROSE)
 STATUS_NAMES = {
     CONVERGED: "converged", MAX_ITER: "max_iter", EXPANDING: "expanding", NONFINITE: "nonfinite",
     REFINE_FAILED: "refine_failed", NOT_CONTRACTING: "not_contracting", AT_RESOLUTION: "at_resolution",
-    REFINE_NO_PROGRESS: "refine_no_progress",
+    REFINE_NO_PROGRESS: "refine_no_progress", REFINE_ROSE: "refine_rose",
 }
 REASONS = {
     CONVERGED: "converged",
@@ -101,7 +105,13 @@ REASONS = {
     AT_RESOLUTION: "converged to the resolution of the dtype (round-off stalled the steps before the tolerance)",
     REFINE_NO_PROGRESS: "converged; the refinement did not reduce the exact residual (relative residual >= 1 or "
                         "NaN), so the fixed-point iterate is returned without it",
+    REFINE_ROSE: "converged; the refinement's step raised the remaining-data objective above the fixed-point "
+                 "iterate's (its linear model does not hold that far, e.g. on a non-convex model), so the "
+                 "fixed-point iterate is returned without it",
 }
+# the refined point is kept only if its remaining-data objective is at most the fixed-point
+# iterate's, up to this relative slack (float32 summation noise over the data)
+REFINE_OBJECTIVE_RTOL = 1e-5
 CURVATURES = ("ekfac", "lbfgs", "exact")
 # refinement passes of MiniConfig(refine_passes=None) per curvature path (see MiniConfig)
 DEFAULT_REFINE_PASSES = {"ekfac": 13, "lbfgs": 5, "exact": 5}
@@ -577,17 +587,25 @@ def _solve(objective: Objective, cfg: MiniConfig, kind: str, params, snap_params
             return jnp.zeros_like(w0), nan, jnp.zeros((), jnp.int32), nan
 
         d, refine_res, refine_used, fp_res = jax.lax.cond(fp_ok, refine, skip, None)
-        refined_ok = jnp.all(jnp.isfinite(d)) & (refine_res < 1.0)
+        residual_ok = jnp.all(jnp.isfinite(d)) & (refine_res < 1.0)
         fp_holds = fp_res < 1.0
+        # the linear model's residual can fall while the step leaves the region where the model
+        # holds (a non-convex objective): the refined point must not raise the true remaining-data
+        # objective above the fixed-point iterate's (two forward passes over the data)
+        f_rem = lambda w: objective.value(unravel(w), x, y, keep)
+        f_fp, f_ref = f_rem(w_fp), f_rem(w0 + d)
+        rose = residual_ok & fp_holds & ~(f_ref <= f_fp + REFINE_OBJECTIVE_RTOL * jnp.abs(f_fp))
+        refined_ok = residual_ok & ~rose
         w_out = jnp.where(refined_ok, w0 + d, jnp.where(fp_holds, w_fp, w0))
         # a failed fixed point stays failed: the refinement does not hide it
         status = jnp.where(~fp_ok, fp.status,
                  jnp.where(refined_ok, fp.status,
-                 jnp.where(fp_holds, REFINE_NO_PROGRESS, REFINE_FAILED)))
+                 jnp.where(rose, REFINE_ROSE,
+                 jnp.where(fp_holds, REFINE_NO_PROGRESS, REFINE_FAILED))))
         data_passes = data_passes + refine_used
 
     status = status.astype(jnp.int32)
-    converged = (status == CONVERGED) | (status == AT_RESOLUTION) | (status == REFINE_NO_PROGRESS)
+    converged = jnp.any(status == jnp.asarray(SUCCESS, jnp.int32))
     out_params = unravel(w_out)
     if objective.canonicalize is not None:
         out_params = objective.canonicalize(out_params)
