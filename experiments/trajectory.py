@@ -42,6 +42,7 @@ import numpy as np
 from mini_unlearn_jax.app import recipes
 from mini_unlearn_jax.core import methods as M
 from mini_unlearn_jax.core import trajectory as TJ
+from mini_unlearn_jax.core.aot import steps_for_time
 from mini_unlearn_jax.evaluation import privacy as P
 from mini_unlearn_jax.evaluation.metrics import accuracy, mean_t_interval, predict_probs
 
@@ -85,17 +86,6 @@ def timed_min(fn, repeats: int):
     """Run ``fn`` ``repeats`` times; the last output with the smallest time_s."""
     outs = [fn() for _ in range(max(1, repeats))]
     return min(outs, key=lambda o: o.time_s)
-
-
-def matched_steps(run, budget_s: float, probes: tuple[int, int] = (40, 200)) -> int:
-    """Steps of ``run(steps=...)`` that take ``budget_s``: ``time = overhead + steps * per_step`` fitted
-    from two probe lengths (minimum of 3 runs each)."""
-    a, b = probes
-    run(steps=a), run(steps=b)  # compile both
-    ta = min(run(steps=a).time_s for _ in range(3))
-    tb = min(run(steps=b).time_s for _ in range(3))
-    per = max((tb - ta) / (b - a), 1e-9)
-    return max(1, int((budget_s - max(ta - a * per, 0.0)) / per))
 
 
 def baseline_runs(problem, forget) -> dict:
@@ -158,7 +148,7 @@ def run_seed(seed, args, trained: recipes.Trained, sets, shadows) -> dict:
         budget = res["trajectory"].time_s
         runs = baseline_runs(problem, forget)
         for name, run in runs.items():
-            k = matched_steps(lambda steps, run=run: run(steps), budget)
+            k = steps_for_time(lambda steps, run=run: run(steps), budget)
             run(k)  # compile at this step count
             res[name] = timed_min(lambda run=run, k=k: run(k), args.repeats)
         log(f"seed {seed}, {ratio:.0%}: " + ", ".join(f"{k} {v.time_s:.2f}s" for k, v in res.items()))
@@ -419,8 +409,8 @@ def knob_grids(args, trained: recipes.Trained, sets, shadows, with_method: bool 
     L += ["", f"## SCRUB and SalUn at the trajectory method's time ({budget:.3f} s)", "",
           "| method | lr | max-step fraction | steps | test acc | loss gap | LiRA gap |", "|---|---:|---:|---:|---:|---:|---:|"]
     runs = baseline_runs(problem, forget)
-    k_scrub = matched_steps(lambda steps: TJ.run_scrub(problem, forget, steps=steps, lr=1e-3, max_steps=steps // 2), budget)
-    k_salun = matched_steps(runs["salun"], budget)
+    k_scrub = steps_for_time(lambda steps: TJ.run_scrub(problem, forget, steps=steps, lr=1e-3, max_steps=steps // 2), budget)
+    k_salun = steps_for_time(runs["salun"], budget)
     models, meta = {}, {}
     for lr in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2):
         for mf in (0.3, 0.6, 0.8):

@@ -56,3 +56,16 @@ def timed(exe, *args):
 def finite(tree) -> bool:
     """Whether every leaf of ``tree`` is finite."""
     return bool(all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(tree)))
+
+
+def steps_for_time(run: Callable[..., Any], budget_s: float, probes: tuple[int, int] = (40, 200)) -> int:
+    """How many steps of ``run(steps=k)`` (returning something with ``time_s``, compilation apart)
+    take ``budget_s`` seconds: ``time = overhead + steps * per_step`` fitted from two probe
+    lengths (each compiled first, then the minimum of 3 timed runs). For compute-matched
+    baselines: the steps a baseline gets in a method's measured time."""
+    a, b = probes
+    run(steps=a), run(steps=b)  # compile both
+    ta = min(run(steps=a).time_s for _ in range(3))
+    tb = min(run(steps=b).time_s for _ in range(3))
+    per = max((tb - ta) / (b - a), 1e-9)
+    return max(1, int((budget_s - max(ta - a * per, 0.0)) / per))
