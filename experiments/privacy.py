@@ -86,7 +86,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--shadows", type=int, default=32)
     p.add_argument("--boot", type=int, default=2000, help="bootstrap resamples for the gap intervals")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (init, batch order, forget sets; default 0 1 2)")
-    p.add_argument("--repeats", type=int, default=1,
+    p.add_argument("--repeats", type=int, default=3,
                    help="timed runs of retrain and of each method (the minimum time is reported)")
     p.add_argument("--quick", action="store_true",
                    help="tiny smoke run (n=400, 200 steps, 4 shadows, 10%%, seeds 0 1)")
