@@ -160,18 +160,25 @@ def test_step_cap_is_judged_on_the_rate_over_several_steps():
 # -- the refinement is judged -----------------------------------------------------------------
 
 
-def test_refinement_that_does_not_reduce_the_residual_falls_back_to_the_fixed_point(logreg, monkeypatch):
-    ds, pb = logreg
+def _faked_refinement(pb, monkeypatch, shift: float, residual: float, passes: int):
+    """``(lite, res)``: the fixed point alone, and ``mini`` whose CG result is moved by ``shift`` and
+    reported with relative residual ``residual``. ``passes`` must be a refinement length no other
+    test compiles, so jit's cache cannot hand back a program traced with another pcg."""
     forget = np.arange(0, 600, 4)
     lite = ul.unlearn(*_args(pb), forget, stats=pb.stats, config=ul.MiniConfig(refine_passes=0, tol=1.1e-5))
     real = cv.pcg
 
-    def garbage(A, b, x0, precond, iters, rtol=1e-6, *, initial_residual=False):
+    def faked(A, b, x0, precond, iters, rtol=1e-6, *, initial_residual=False):
         d, _, used, rel0 = real(A, b, x0, precond, iters, rtol, initial_residual=True)
-        return d + 1e3, jnp.asarray(5.0, b.dtype), used, rel0  # a refinement 5x worse than not moving
+        return d + shift, jnp.asarray(residual, b.dtype), used, rel0
 
-    monkeypatch.setattr(cv, "pcg", garbage)
-    res = ul.unlearn(*_args(pb), forget, stats=pb.stats, config=ul.MiniConfig(refine_passes=3, tol=1.1e-5))
+    monkeypatch.setattr(cv, "pcg", faked)
+    res = ul.unlearn(*_args(pb), forget, stats=pb.stats, config=ul.MiniConfig(refine_passes=passes, tol=1.1e-5))
+    return lite, res
+
+
+def test_refinement_that_does_not_reduce_the_residual_falls_back_to_the_fixed_point(logreg, monkeypatch):
+    lite, res = _faked_refinement(logreg[1], monkeypatch, 1e3, 5.0, 3)  # 5x worse than not moving
     assert int(res.status) == ul.REFINE_NO_PROGRESS and bool(res.converged)
     assert "fixed-point iterate is returned" in res.reason()
     assert float(res.refine_residual) >= 1.0 > float(res.stats.fixed_point_residual)
@@ -181,18 +188,7 @@ def test_refinement_that_does_not_reduce_the_residual_falls_back_to_the_fixed_po
 def test_refinement_whose_step_raises_the_objective_falls_back_to_the_fixed_point(logreg, monkeypatch):
     # the linear model's residual claims progress (0.5 < 1) while the step wrecks the model, as on a
     # non-convex MLP: the true remaining-data objective catches it
-    ds, pb = logreg
-    forget = np.arange(0, 600, 4)
-    lite = ul.unlearn(*_args(pb), forget, stats=pb.stats, config=ul.MiniConfig(refine_passes=0, tol=1.1e-5))
-    real = cv.pcg
-
-    def wrecking(A, b, x0, precond, iters, rtol=1e-6, *, initial_residual=False):
-        d, _, used, rel0 = real(A, b, x0, precond, iters, rtol, initial_residual=True)
-        return d + 3.0, jnp.asarray(0.5, b.dtype), used, rel0
-
-    monkeypatch.setattr(cv, "pcg", wrecking)
-    # a config no other test compiles: jit's cache must not hand back a program traced with another pcg
-    res = ul.unlearn(*_args(pb), forget, stats=pb.stats, config=ul.MiniConfig(refine_passes=4, tol=1.1e-5))
+    lite, res = _faked_refinement(logreg[1], monkeypatch, 3.0, 0.5, 4)
     assert int(res.status) == ul.REFINE_ROSE and bool(res.converged) and res.status_name() == "refine_rose"
     assert "raised the remaining-data objective" in res.reason()
     np.testing.assert_allclose(flat(res.params), flat(lite.params), rtol=1e-6, atol=1e-7)
