@@ -48,7 +48,12 @@ from mini_unlearn_jax.core import trajectory as TJ
 from mini_unlearn_jax.core.aot import steps_for_time
 from mini_unlearn_jax.evaluation import attacks as A
 from mini_unlearn_jax.evaluation import privacy as P
-from mini_unlearn_jax.evaluation.metrics import accuracy, mean_t_interval, predict_probs
+from mini_unlearn_jax.evaluation.metrics import (
+    accuracy,
+    compare_abs_gaps,
+    mean_t_interval,
+    predict_probs,
+)
 
 RECIPE = "leaky-mlp"  # the setting (data, model, l2, Adam recipe): mini_unlearn_jax/app/recipes.py
 METHODS = ("mini", "mini-lite", "mini-plus", "newton", "finetune", "neggrad")
@@ -311,9 +316,7 @@ def compute_matched(block: dict, method: str, baseline: str = "from-init") -> di
            "acc_higher_seeds": sum(u > v for u, v in zip(m["test_acc_pts"], b["test_acc_pts"], strict=True)),
            "n_seeds": len(m["test_acc_pts"]), "gaps": {}}
     for k in ("loss_gap", "lira_gap"):
-        am, ab = np.abs(m[k]), np.abs(b[k])
-        out["gaps"][k] = {"mean_abs": (float(am.mean()), float(ab.mean())), "no_larger": bool(am.mean() <= ab.mean()),
-                          "difference": mean_t_interval(list(am - ab))}
+        out["gaps"][k] = compare_abs_gaps(m[k], b[k])
     return out
 
 

@@ -44,7 +44,12 @@ from mini_unlearn_jax.core import methods as M
 from mini_unlearn_jax.core import trajectory as TJ
 from mini_unlearn_jax.core.aot import steps_for_time
 from mini_unlearn_jax.evaluation import privacy as P
-from mini_unlearn_jax.evaluation.metrics import accuracy, mean_t_interval, predict_probs
+from mini_unlearn_jax.evaluation.metrics import (
+    accuracy,
+    compare_abs_gaps,
+    mean_t_interval,
+    predict_probs,
+)
 
 T0 = time.perf_counter()
 RECIPE = "leaky-mlp"  # the setting (data, model, l2, Adam recipe): mini_unlearn_jax/app/recipes.py
@@ -250,11 +255,9 @@ def verdicts(summ: dict, results: dict, args) -> list[str]:
         acc_every = every(lambda ps: ps["trajectory"]["test_acc"] > ps["from-init"]["test_acc"])
         gap_lines = []
         for lab, g in atts:
-            mt = np.mean([abs(ps["trajectory"][g]) for ps in per])
-            mb = np.mean([abs(ps["from-init"][g]) for ps in per])
-            d = mean_t_interval([abs(ps["trajectory"][g]) - abs(ps["from-init"][g]) for ps in per])
-            gap_lines.append(f"{lab} mean |gap| {mt:.3f} vs {mb:.3f} ({'no larger' if mt <= mb else 'LARGER'}; "
-                             f"per-seed difference {fmt_ci(d)})")
+            c = compare_abs_gaps([ps["trajectory"][g] for ps in per], [ps["from-init"][g] for ps in per])
+            gap_lines.append(f"{lab} mean |gap| {c['mean_abs'][0]:.3f} vs {c['mean_abs'][1]:.3f} "
+                             f"({'no larger' if c['no_larger'] else 'LARGER'}; per-seed difference {fmt_ci(c['difference'])})")
         checks.append(f"vs the compute-matched from-init baseline: test accuracy {t['test_acc_pts'][0]:+.2f} vs "
                       f"{b['test_acc_pts'][0]:+.2f} pts from retrain ({'higher' if acc_better else 'NOT higher'} on "
                       f"the mean, {'every' if acc_every else 'NOT every'} seed); " + "; ".join(gap_lines))

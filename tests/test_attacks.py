@@ -331,3 +331,17 @@ def test_plot_roc_writes_png(tmp_path) -> None:
     }
     out = A.plot_roc(curves, tmp_path / "sub" / "roc.png", title="MIA")
     assert out.exists() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_abs_gaps_judges_absolute_gaps_seed_by_seed():
+    from scipy import stats
+
+    from mini_unlearn_jax.evaluation.metrics import compare_abs_gaps
+
+    c = compare_abs_gaps([0.01, -0.02, 0.03], [-0.03, 0.01, 0.02])  # signs do not matter, sizes do
+    np.testing.assert_allclose(c["mean_abs"], (0.02, 0.02), atol=1e-12)
+    assert c["no_larger"]  # equal means count as no larger
+    diff = np.array([-0.02, 0.01, 0.01])
+    half = stats.t.ppf(0.975, 2) * diff.std(ddof=1) / np.sqrt(3)
+    np.testing.assert_allclose(c["difference"], (0.0, -half, half), atol=1e-12)
+    assert not compare_abs_gaps([0.05, 0.04], [0.01, -0.01])["no_larger"]

@@ -60,6 +60,15 @@ def mean_t_interval(values) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
+def compare_abs_gaps(method_gaps, baseline_gaps) -> dict:
+    """Per-seed AUC gaps (to the reference) of a method and a baseline: ``mean_abs`` (the two
+    mean |gap|), ``no_larger`` (the method's mean |gap| is at most the baseline's) and
+    ``difference``, the :func:`mean_t_interval` of |gap(method)| - |gap(baseline)| over seeds."""
+    am, ab = np.abs(np.asarray(method_gaps, np.float64)), np.abs(np.asarray(baseline_gaps, np.float64))
+    return {"mean_abs": (float(am.mean()), float(ab.mean())), "no_larger": bool(am.mean() <= ab.mean()),
+            "difference": mean_t_interval(am - ab)}
+
+
 def param_distance(a, b) -> float:
     return float(jnp.linalg.norm(ravel_pytree(a)[0] - ravel_pytree(b)[0]))
 
