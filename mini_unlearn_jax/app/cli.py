@@ -642,15 +642,17 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError
     from .data import DataError
-    from .runtime import enable_compilation_cache, quiet_third_party_logs
+    from .runtime import enable_compilation_cache, interrupts_not_lost, quiet_third_party_logs
 
     try:
-        quiet_third_party_logs()
-        args.compile_cache_dir = None
-        if args.cmd in ("train", "unlearn", "attack"):
-            cache = enable_compilation_cache()
-            args.compile_cache_dir = str(cache) if cache is not None else None
-        return {"train": cmd_train, "unlearn": cmd_unlearn, "info": cmd_info, "attack": cmd_attack}[args.cmd](args)
+        with interrupts_not_lost():
+            quiet_third_party_logs()
+            args.compile_cache_dir = None
+            if args.cmd in ("train", "unlearn", "attack"):
+                cache = enable_compilation_cache()
+                args.compile_cache_dir = str(cache) if cache is not None else None
+            cmd = {"train": cmd_train, "unlearn": cmd_unlearn, "info": cmd_info, "attack": cmd_attack}[args.cmd]
+            return cmd(args)
     except (UsageError, DataError, CheckpointError, FileExistsError, ValueError) as e:
         print(f"mini-unlearn {args.cmd}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -1,4 +1,5 @@
-"""Process set-up for the command line: JAX's persistent compilation cache, quiet logs.
+"""Process set-up for the command line: JAX's persistent compilation cache, quiet logs, a Ctrl-C
+that is never lost.
 
 Library code never calls this; the CLI does, once, before it compiles anything. Users of the
 Python API who want the same cache call :func:`enable_compilation_cache` themselves (or set
@@ -7,8 +8,12 @@ Python API who want the same cache call :func:`enable_compilation_cache` themsel
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import logging
 import os
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -86,3 +91,45 @@ def process_wall_s() -> float:
         return max(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 0.0)
     except (OSError, ValueError, IndexError):
         return time.perf_counter() - _IMPORTED
+
+
+@contextlib.contextmanager
+def interrupts_not_lost(retry_s: float = 0.1):
+    """Within the block, a Ctrl-C that Python would swallow is delivered again.
+
+    Python raises ``KeyboardInterrupt`` at whatever bytecode runs when the signal arrives. If that
+    is a garbage-collector callback (JAX registers one), a finaliser or a weakref callback, the
+    exception is "ignored" (printed to stderr) and the program carries on: a long training run
+    then ignores the user's Ctrl-C. Here such an ignored ``KeyboardInterrupt`` is noted by
+    ``sys.unraisablehook`` and a watcher thread raises it again in the main thread
+    (``_thread.interrupt_main``) within ``retry_s`` seconds, from outside the callback, where it
+    propagates as usual. Any other ignored exception goes to the previous hook unchanged.
+
+    The CLI enters it as ``main`` starts; a Ctrl-C during the package's own imports (the first
+    second of the process, before any of its code runs) behaves as in plain Python.
+    """
+    swallowed = threading.Event()
+    done = threading.Event()
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+            swallowed.set()
+            return
+        previous(unraisable)
+
+    def watch():
+        while not done.wait(retry_s):
+            if swallowed.is_set():
+                swallowed.clear()
+                _thread.interrupt_main()
+
+    watcher = threading.Thread(target=watch, name="mini-unlearn-interrupts", daemon=True)
+    sys.unraisablehook = hook
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        sys.unraisablehook = previous
+        watcher.join()
