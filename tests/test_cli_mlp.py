@@ -56,8 +56,9 @@ def test_mini_on_an_mlp_is_trajectory_unlearning_close_to_retraining(trained, ca
     # the rewound run retrains 15 % of the recipe's steps: far less than retraining's 300
     assert rep["details"]["steps"] == round(0.15 * 300)  # TrajectoryConfig().budget of the 300 steps
     assert abs(rep["test_acc"] - rep["retrain_test_acc"]) < 0.05
-    # MIA non-members never include the held-out split the method read
-    assert rep["mia"]["n_nonmembers"] <= 400 - len(load_run(run_dir).meta["trajectory"]["val_indices"])
+    # test metrics and MIA non-members never include the held-out split the method read
+    n_unread = 400 - len(load_run(run_dir).meta["trajectory"]["val_indices"])
+    assert rep["n_test"] == n_unread and rep["mia"]["n_nonmembers"] <= n_unread
     # a second request on the result: the refreshed trajectory travels with it
     out2 = root / "unl2"
     code, rep2 = _json(capsys, ["unlearn", "--run", str(out), "--ratio", "0.1", "--out", str(out2), "--json"])

@@ -312,3 +312,34 @@ def test_fresh_never_deletes_a_results_jsonl_it_did_not_write(tmp_path):
     with pytest.raises(ValueError, match="not a row store of this harness"):
         run_grid(cfg, fresh=True, command="test", log=lambda *_: None)
     assert (out / "results.jsonl").read_text() == '{"my": "notes"}\nmore of my notes\n'
+
+
+def test_an_mlp_entry_is_trajectory_unlearned_as_in_the_cli_and_scored_without_its_held_out_split(tmp_path):
+    """By default an MLP under a mini-batch recipe keeps a trajectory buffer (the CLI's rule), so
+    ``mini`` is trajectory unlearning, and every test metric leaves out the held-out test images it
+    reads; ``trajectory = false`` gives the fixed-point solver on the whole test set."""
+    from mini_unlearn_jax.app import recipes
+    from mini_unlearn_jax.evaluation import metrics as mt
+
+    entry = {"data": DATA, "model": "mlp", "hidden": 8, "steps": 30}
+    rows = {}
+    for traj in ("auto", False):
+        model = entry if traj == "auto" else dict(entry, trajectory=False)
+        cfg = GridConfig(out=str(tmp_path / str(traj)), seeds=[0], ratios=[0.1], methods=["mini"], models=[model],
+                         mia=False)
+        (rows[traj],) = [r for r in run_grid(cfg, command="test", log=lambda *_: None) if r["method"] == "mini"]
+    assert rows["auto"]["info"]["solver"] == "trajectory" and rows[False]["info"]["solver"] == "fixed-point"
+    tr = recipes.build_problem(DATA, "mlp", 1e-3, 0, hidden=8, steps=30, trajectory=True)
+    ds, vi = tr.dataset, tr.val_indices
+    assert len(vi) == 50  # min(500, n_test // 2) of the 100 test images
+    rest = np.setdiff1d(np.arange(len(ds.y_test)), vi)
+    acc = lambda idx: mt.accuracy(mt.predict_probs(tr.problem.objective, tr.problem.params, ds.x_test[idx]),
+                                  ds.y_test[idx])
+    assert rows["auto"]["original_test_acc"] == pytest.approx(acc(rest), abs=1e-12)
+    assert rows[False]["original_test_acc"] == pytest.approx(acc(np.arange(len(ds.y_test))), abs=1e-12)
+    records = json.loads((tmp_path / "auto" / "results.json").read_text())
+    assert isinstance(records, list)
+    table = (tmp_path / "auto" / "table.md").read_text()
+    assert "Test metrics are on 50 test images: the other 50 are the held-out split" in table
+    with pytest.raises(ValueError, match="give true, false"):
+        recipes.build_problem(DATA, "mlp", 1e-3, 0, hidden=8, steps=30, trajectory="yes")

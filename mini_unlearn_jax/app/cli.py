@@ -61,7 +61,8 @@ class UsageError(Exception):
 
 
 def nonmember_indices(meta: dict, n_test: int) -> np.ndarray:
-    """Test images an attack may use as non-members: all but a trajectory run's held-out split."""
+    """The test images the unlearning method never reads -- all but a trajectory run's held-out
+    split: the test metrics of ``unlearn`` and an attack's non-members are computed on these."""
     val = (meta.get("trajectory") or {}).get("val_indices", [])
     return np.setdiff1d(np.arange(n_test), np.asarray(val, np.int64)).astype(np.int32)
 
@@ -74,7 +75,7 @@ def cmd_train(args) -> int:
     from ..evaluation.metrics import accuracy, predict_probs
     from . import checkpoint as ck
     from .data import load_dataset
-    from .recipes import build_problem
+    from .recipes import build_problem, keeps_trajectory
 
     out = Path(args.out)
     ck.check_output_dir(out)  # a new or empty directory only: train never replaces anything
@@ -93,15 +94,15 @@ def cmd_train(args) -> int:
         if "steps" in overrides and cfg.batch_size is not None and "snapshot_every" not in overrides:
             cfg = dataclasses.replace(cfg, snapshot_every=max(1, cfg.steps // cfg.snapshots))
     # non-convex mini-batch training also keeps a trajectory buffer: `mini` unlearns along it
-    keeps_trajectory = args.model != "logreg" and cfg.batch_size is not None and cfg.optimizer != "lbfgs"
+    with_trajectory = keeps_trajectory(args.model, cfg)
     log(f"training {args.model} on {args.data}: n={ds.n_train}, {ds.num_classes} classes, l2={args.l2}, "
         f"{cfg.optimizer} {'full batch' if cfg.batch_size is None else f'batch {cfg.batch_size}'}, up to {cfg.steps} steps")
     trained = build_problem(ds, args.model, args.l2, args.seed, hidden=args.hidden, penalize_bias=args.penalize_bias,
-                            config=cfg, verbose=True, trajectory=keeps_trajectory)
+                            config=cfg, verbose=True, trajectory=with_trajectory)
     state, stats, objective = trained.state, trained.problem.stats, trained.problem.objective
     train_s, compile_s = trained.train_s, trained.train_compile_s
     traj_meta = None
-    if keeps_trajectory:
+    if with_trajectory:
         data = trained.problem.extras["trajectory"]
         schedule = [int(s) for s in np.asarray(data.state.steps)]
         traj_meta = {"schedule": schedule, "val_split": "test", "val_indices": trained.val_indices.tolist(),
@@ -132,7 +133,7 @@ def cmd_train(args) -> int:
     meta["train_wall_s"] = process_wall_s()  # the whole command up to saving
     ck.save_run(out, params=state.params, opt_state=state.opt_state, snapshots=state.snapshots, stats=stats,
                 removed=np.zeros((0,), np.int32), meta=meta, objective=objective,
-                trajectory=state.trajectory if keeps_trajectory else None)
+                trajectory=state.trajectory if with_trajectory else None)
     log(f"params {param_count} ({meta['param_bytes']} B), snapshot buffer {meta['snapshot_buffer_bytes']} B "
         f"(K={cfg.snapshots}), curvature stats {meta['curvature_stats_bytes']} B")
     print(f"trained {args.model} on {args.data} (n={ds.n_train}) in {train_s:.1f}s (+{compile_s:.1f}s "
@@ -279,14 +280,16 @@ def cmd_unlearn(args) -> int:
 
     keep = M.keep_mask(n, local).astype(bool)
     original = res.info.get("own_original", run.params)
-    p_test = mt.predict_probs(run.objective, res.params, ds.x_test)
+    unread = nonmember_indices(meta, len(ds.x_test))
+    x_test, y_test = ds.x_test[unread], ds.y_test[unread]
+    p_test = mt.predict_probs(run.objective, res.params, x_test)
     p_forget = mt.predict_probs(run.objective, res.params, x[local])
     p_retain = mt.predict_probs(run.objective, res.params, x[keep])
     report = {
         "method": args.method, "ratio": float(forget.size / n), "n_train": n, "n_removed": int(forget.size),
         "converged": bool(res.converged), "reason": res.reason,
         "unlearn_s": res.time_s, "time_s": res.time_s, "compile_s": res.compile_s, "load_s": load_s,
-        "test_acc": mt.accuracy(p_test, ds.y_test), "forget_acc": mt.accuracy(p_forget, np.asarray(y)[local]),
+        "test_acc": mt.accuracy(p_test, y_test), "n_test": int(unread.size), "forget_acc": mt.accuracy(p_forget, np.asarray(y)[local]),
         "retain_acc": mt.accuracy(p_retain, np.asarray(y)[keep]),
         "seed": args.seed, "run": str(run_dir), "data_spec": meta["data_spec"],
         "param_count": meta["param_count"], "snapshot_buffer_bytes": meta["snapshot_buffer_bytes"],
@@ -324,13 +327,12 @@ def cmd_unlearn(args) -> int:
         from ..evaluation.privacy import mia_for_report
 
         log("membership inference (loss attack): forget set vs held-out test examples ...")
-        nonmembers = nonmember_indices(meta, len(ds.x_test))
         report["mia"] = mia_for_report(problem, ds, local, res.params, ref.params, original, seed=args.seed,
-                                       nonmembers=(ds.x_test[nonmembers], ds.y_test[nonmembers]))
+                                       nonmembers=(x_test, y_test))
     if args.compare_retrain:
-        p_ref_test = mt.predict_probs(run.objective, ref.params, ds.x_test)
+        p_ref_test = mt.predict_probs(run.objective, ref.params, x_test)
         p_ref_forget = mt.predict_probs(run.objective, ref.params, x[local])
-        p_orig_test = mt.predict_probs(run.objective, original, ds.x_test)
+        p_orig_test = mt.predict_probs(run.objective, original, x_test)
         kl_test, original_kl = mt.mean_kl(p_ref_test, p_test), mt.mean_kl(p_ref_test, p_orig_test)
         retrain_s = max(ref.time_s, 1e-12)
         report.update({
@@ -342,8 +344,8 @@ def cmd_unlearn(args) -> int:
             "kl_test": kl_test, "original_kl_test": original_kl, "kl_ratio": kl_test / max(original_kl, 1e-30),
             "kl_forget": mt.mean_kl(p_ref_forget, p_forget),
             "agreement_test": mt.agreement(p_ref_test, p_test),
-            "retrain_test_acc": mt.accuracy(p_ref_test, ds.y_test),
-            "original_test_acc": mt.accuracy(p_orig_test, ds.y_test),
+            "retrain_test_acc": mt.accuracy(p_ref_test, y_test),
+            "original_test_acc": mt.accuracy(p_orig_test, y_test),
         })
     from .runtime import cache_counts
 

@@ -104,9 +104,10 @@ class GridConfig:
       seeds, ratios, methods: the grid's axes (ratios: fractions in (0, 1), ``"N%"``, ``"classK"``
         or ``"seqMxF"``; methods: registered non-reference names, optionally ``NAME:KEY=VALUE+...``).
       models: dicts with ``data`` and ``model`` (or a ``recipe`` name) and optionally ``l2``
-        (default 1e-3), ``hidden``, ``penalize_bias``, ``trajectory`` (true: keep a trajectory
-        buffer, as the CLI does for MLPs, so ``mini`` is trajectory unlearning) and TrainConfig
-        fields.
+        (default 1e-3), ``hidden``, ``penalize_bias``, ``trajectory`` (default ``"auto"``: as the
+        CLI, non-convex mini-batch recipes keep a trajectory buffer, so ``mini`` is trajectory
+        unlearning, and every test metric of that model leaves out the held-out test images it
+        reads; false: the fixed-point ``mini`` on an MLP) and TrainConfig fields.
       mia: also run the loss-threshold membership attack on the removed examples.
       report: ``"grid"`` or ``"fidelity"`` (the reports' format).
       resume: skip cells already in ``results.jsonl`` (False: rerun them, replacing their rows).
@@ -364,7 +365,16 @@ def _train(spec: dict, seed: int, log) -> _Model:
     tr = recipes.build_problem(spec["data"], spec["model"], l2, seed, hidden=int(spec.get("hidden", 256)),
                                penalize_bias=bool(spec.get("penalize_bias", False)),
                                config=make_config(seed) if make_config is not None else None,
-                               trajectory=bool(spec.get("trajectory", False)), **overrides)
+                               trajectory=spec.get("trajectory", "auto"), **overrides)
+    held_out = 0
+    if tr.val_indices is not None:
+        # trajectory unlearning reads these test images (rewind rule, calibration): every test
+        # metric of this model, for every method and the reference, is on the rest of the test set
+        vi = np.asarray(tr.val_indices)
+        held_out = int(vi.size)
+        ds = tr.dataset
+        tr = tr._replace(dataset=dataclasses.replace(ds, x_test=np.delete(ds.x_test, vi, axis=0),
+                                                     y_test=np.delete(ds.y_test, vi, axis=0)))
     pb, ds = tr.problem, tr.dataset
     p_train = mt.predict_probs(pb.objective, pb.params, ds.x_train)
     p_test = mt.predict_probs(pb.objective, pb.params, ds.x_test)
@@ -372,6 +382,7 @@ def _train(spec: dict, seed: int, log) -> _Model:
     traj_bytes = nbytes(pb.extras["trajectory"].state) if "trajectory" in pb.extras else 0
     record = {
         "model": spec["model"], "data_spec": spec["data"], "n_train": ds.n_train, "n_test": int(ds.x_test.shape[0]),
+        "n_test_held_out": held_out,
         "l2": l2, "hidden": getattr(tr.model, "hidden", None), "seed": seed,
         "train_config": dataclasses.asdict(pb.train_config),
         "train_s": tr.train_s, "train_compile_s": tr.train_compile_s, "stats_s": tr.stats_s,
@@ -456,6 +467,7 @@ def _evaluate(mdl: _Model, res: M.MethodOutput, ref: _Reference, forget, memory_
     ce = lambda p: float(np.mean(-np.log(np.clip(p[np.arange(len(yf)), yf], 1e-30, 1.0)))) if len(yf) else float("nan")
     row = {
         "n_removed": int(np.size(forget)), "reference": ref.name,
+        "n_test": int(len(ds.y_test)), "n_test_held_out": int(mdl.record.get("n_test_held_out", 0)),
         "test_acc": mt.accuracy(p_test, ds.y_test),
         "forget_acc": mt.accuracy(p_forget, y[forget]),
         "retain_acc": mt.accuracy(p_retain, y[keep]),
@@ -807,6 +819,12 @@ def _grid_reports(cfg: GridConfig, out: Path, rows: list[dict], command: str) ->
         ratios = sorted({k[2] for k in summ if k[:2] == (data, model)}, key=_ratio_sort)
         methods = sorted({k[3] for k in summ if k[:2] == (data, model)})
         lines += [f"## {model} on {data}", ""]
+        held = {(r.get("n_test"), r.get("n_test_held_out")) for r in rows
+                if (r["data"], r["model"]) == (data, model) and r.get("n_test_held_out")}
+        if held:
+            n_test, n_held = max(held)
+            lines += [f"Test metrics are on {n_test} test images: the other {n_held} are the held-out split "
+                      "trajectory unlearning reads.", ""]
         of = {rt: [r for r in rows if (r["data"], r["model"], str(r["ratio"])) == (data, model, rt)] for rt in ratios}
         reference_line = {"test_acc": ("retrain_test_acc", "{:.4f}"), "mia_auc": ("mia_auc_retrain", "{:.3f}")}
         for metric, title, fmtx in shown:
@@ -905,7 +923,8 @@ FIDELITY_COLUMNS = ["model", "method", "options", "ratio_pct", "seed", "n_train"
                     "test_acc", "forget_acc", "retain_acc", "rel_param_error", "kl_test", "kl_forget",
                     "original_kl_test", "kl_ratio", "agreement", "time_s", "compile_s", "retrain_time_s",
                     "time_ratio", "memory_bytes", "param_bytes", "converged", "reason", "retrain_test_acc",
-                    "original_test_acc", "forget_loss", "retrain_forget_loss", "forget_loss_ratio"]
+                    "original_test_acc", "forget_loss", "retrain_forget_loss", "forget_loss_ratio", "n_test",
+                    "n_test_held_out"]
 
 
 def _fidelity_row(row: dict) -> dict:
@@ -1043,7 +1062,9 @@ def _fidelity_table(cfg: GridConfig, path: Path, rows: list, runs: list, models:
                       f"({_fmt(mc['param_bytes'], 'bytes')}); snapshot buffer {_fmt(mc['snapshot_bytes'], 'bytes')}"
                       f" (K={tc.get('snapshots')}), curvature stats {_fmt(mc['stats_bytes'], 'bytes')}"
                       + (f", trajectory buffer {_fmt(mc['trajectory_bytes'], 'bytes')}" if mc.get("trajectory_bytes")
-                         else "") + ".", ""]
+                         else "") + "."
+                      + (f" Test metrics are on {mc['n_test']} test images: the other {mc['n_test_held_out']} are "
+                         "the held-out split trajectory unlearning reads." if mc.get("n_test_held_out") else ""), ""]
         ok_rows = [r for r in mrows if "kl_ratio" in r]
         lines += _pivot(ok_rows, "kl_ratio", "sci",
                         "KL ratio: KL(p_R‖p_U) / KL(p_R‖p_original) on test (lower is better; 1 = did nothing)")

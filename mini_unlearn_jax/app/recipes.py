@@ -49,16 +49,23 @@ def validation_indices(n_test: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, 17]).choice(n_test, size=size, replace=False)).astype(np.int32)
 
 
+def keeps_trajectory(model: str, cfg: TrainConfig) -> bool:
+    """The CLI's rule, which the harness shares: non-convex mini-batch training (an MLP under Adam
+    or SGD with a batch size) keeps a trajectory buffer, so that ``mini`` is trajectory unlearning;
+    logistic regression and full-batch or L-BFGS recipes do not."""
+    return model != "logreg" and cfg.batch_size is not None and cfg.optimizer != "lbfgs"
+
+
 def build_problem(data: str | Dataset, model: str, l2: float, seed: int = 0, *, hidden: int = 256,
                   penalize_bias: bool = False, config: TrainConfig | None = None, verbose: bool = False,
-                  trajectory: bool | dict | None = None, val_indices=None, **overrides) -> Trained:
+                  trajectory: bool | dict | str | None = None, val_indices=None, **overrides) -> Trained:
     """Load ``data`` (a spec for :func:`load_dataset`, or a Dataset), train ``model`` (``"logreg"``
     or ``"mlp"``) with the recipe ``config`` (default: :func:`default_config` for the model and
     data size at ``seed``, with ``overrides`` replacing its fields), fit curvature statistics
     where the model has them, and return the :class:`Problem` with what it cost.
 
-    ``trajectory`` (True, or a dict with ``size``, ``schedule``, ``with_opt_state`` and
-    ``keep_snapshots``, default True) also fills a trajectory buffer during the same training
+    ``trajectory`` (True, ``"auto"`` for :func:`keeps_trajectory`'s rule, or a dict with ``size``,
+    ``schedule``, ``with_opt_state`` and ``keep_snapshots``, default True) also fills a trajectory buffer during the same training
     steps, and puts a :class:`~mini_unlearn_jax.core.trajectory.TrajectoryData` in
     ``problem.extras["trajectory"]`` (the buffer, the held-out split ``val_indices`` of the test
     set -- default :func:`validation_indices` -- and its memorisation profile), so ``mini`` runs
@@ -73,6 +80,10 @@ def build_problem(data: str | Dataset, model: str, l2: float, seed: int = 0, *, 
     params0 = init_params(module, ds.x_train[0], cfg.seed)
     x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
     buf, train_cfg = None, cfg
+    if isinstance(trajectory, str):
+        if trajectory != "auto":
+            raise ValueError(f"trajectory={trajectory!r}: give true, false, \"auto\" or a dict of options")
+        trajectory = keeps_trajectory(model, cfg)
     if trajectory:
         opts = {} if trajectory is True else dict(trajectory)
         size, schedule = opts.pop("size", TRAJECTORY_SIZE), opts.pop("schedule", None)
