@@ -343,3 +343,23 @@ def test_an_mlp_entry_is_trajectory_unlearned_as_in_the_cli_and_scored_without_i
     assert "Test metrics are on 50 test images: the other 50 are the held-out split" in table
     with pytest.raises(ValueError, match="give true, false"):
         recipes.build_problem(DATA, "mlp", 1e-3, 0, hidden=8, steps=30, trajectory="yes")
+
+
+def test_compiled_programs_are_dropped_between_models(tmp_path, monkeypatch):
+    """A long grid compiles for one model after another; each model's programs are dropped when the
+    next model trains (thousands of CPU executables exhaust the process's memory maps)."""
+    from mini_unlearn_jax.core import aot
+
+    sizes = []
+    real = aot.clear_compiled
+
+    def counting():
+        sizes.append(len(aot._COMPILED))
+        real()
+
+    monkeypatch.setattr(aot, "clear_compiled", counting)
+    cfg = GridConfig(out=str(tmp_path / "g"), seeds=[0, 1, 2], ratios=[0.1], methods=["mini"],
+                     models=[{"data": DATA, "model": "logreg"}], mia=False)
+    rows = run_grid(cfg, command="test", log=lambda *_: None)
+    assert len(sizes) == 2 and all(n > 0 for n in sizes)  # before seeds 1 and 2, each time something to drop
+    assert {r["seed"] for r in rows if r["method"] == "mini" and r["converged"]} == {0, 1, 2}

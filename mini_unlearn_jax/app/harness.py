@@ -72,6 +72,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from ..core import aot
 from ..core import methods as M
 from ..core.problem import keep_mask
 from ..core.snapshots import nbytes
@@ -680,6 +681,9 @@ def run_grid(cfg: GridConfig, *, fresh: bool = False, command: str | None = None
             if cfg.resume and key_of(cell) in {key_of(r) for r in load_rows(out)}:
                 continue  # another worker on the same output directory did it
             if tkey not in current:
+                if current:  # the previous model's compiled programs go with it
+                    current.clear()
+                    aot.clear_compiled()
                 try:
                     mdl = _train(spec, cell["seed"], log)
                 except DataError as e:

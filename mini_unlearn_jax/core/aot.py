@@ -32,6 +32,16 @@ def compiled(key, lower: Callable[[], Any]) -> tuple[Any, float]:
     return exe, time.perf_counter() - t0
 
 
+def clear_compiled() -> None:
+    """Drop every cached executable, with JAX's own compilation caches (``jax.clear_caches``).
+
+    A long-lived process that compiles for one model after another (the grid harness) calls this
+    between models: each CPU executable keeps memory mappings of its own, and thousands of them
+    exhaust the process's map count (LLVM: "Unable to allocate section memory")."""
+    _COMPILED.clear()
+    jax.clear_caches()
+
+
 def signature(args) -> tuple:
     """Tree structure, shapes and dtypes of ``args`` (what a compiled program is specialised to)."""
     return jax.tree.structure(args), tuple((np.shape(a), str(getattr(a, "dtype", type(a))))
