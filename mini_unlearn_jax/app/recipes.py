@@ -65,8 +65,8 @@ def build_problem(data: str | Dataset, model: str, l2: float, seed: int = 0, *, 
     where the model has them, and return the :class:`Problem` with what it cost.
 
     ``trajectory`` (True, ``"auto"`` for :func:`keeps_trajectory`'s rule, or a dict with ``size``,
-    ``schedule``, ``with_opt_state`` and ``keep_snapshots``, default True) also fills a trajectory buffer during the same training
-    steps, and puts a :class:`~mini_unlearn_jax.core.trajectory.TrajectoryData` in
+    ``schedule``, ``with_opt_state`` and ``keep_snapshots``, default True) also fills a trajectory
+    buffer during the same training steps, and puts a :class:`~mini_unlearn_jax.core.trajectory.TrajectoryData` in
     ``problem.extras["trajectory"]`` (the buffer, the held-out split ``val_indices`` of the test
     set -- default :func:`validation_indices` -- and its memorisation profile), so ``mini`` runs
     trajectory unlearning. ``keep_snapshots=False`` leaves the gradient buffer empty (no

@@ -1,5 +1,5 @@
 """Process set-up for the command line: JAX's persistent compilation cache, quiet logs, a Ctrl-C
-that is never lost.
+that a garbage-collector callback cannot swallow.
 
 Library code never calls this; the CLI does, once, before it compiles anything. Users of the
 Python API who want the same cache call :func:`enable_compilation_cache` themselves (or set
