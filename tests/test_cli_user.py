@@ -130,7 +130,11 @@ def test_info_shows_the_current_model(run_dir, tmp_path, capsys):
 
 def test_ctrl_c_gives_a_clean_message_and_writes_nothing(tmp_path):
     out = tmp_path / "r"
-    proc = subprocess.Popen([sys.executable, "-m", "mini_unlearn_jax", "train", "--data",
+    # the child gets Python's own Ctrl-C handler even where this suite runs with SIGINT ignored (a
+    # background job without job control inherits SIG_IGN, which the CLI rightly keeps)
+    launch = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              "sys.argv = ['mini-unlearn'] + sys.argv[1:]; runpy.run_module('mini_unlearn_jax', run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", launch, "train", "--data",
                              "synthetic:n=20000,d=50,classes=5", "--model", "mlp", "--steps", "100000",
                              "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -172,8 +176,14 @@ def test_a_ctrl_c_swallowed_by_a_gc_callback_is_delivered_again():
     # plain Python ignores it ("Exception ignored in ...") and carries on: the CLI trained on
     assert not _interrupt_in_a_gc_callback(wait_s=0.5)
     hook = sys.unraisablehook
-    with runtime.interrupts_not_lost():
-        assert _interrupt_in_a_gc_callback(wait_s=10)
+    # re-delivery goes through Python's SIGINT handler, which a process started with SIGINT ignored
+    # (nohup, a background job) does not have -- there a Ctrl-C is meant to do nothing
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with runtime.interrupts_not_lost():
+            assert _interrupt_in_a_gc_callback(wait_s=10)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert sys.unraisablehook is hook  # restored
     assert not any(t.name == "mini-unlearn-interrupts" for t in threading.enumerate())
 
