@@ -123,7 +123,7 @@ def train(args: argparse.Namespace, seed: int, data=None) -> recipes.Trained:
 
 def heldout_pool(n_test: int, val_union: np.ndarray, size: int) -> np.ndarray:
     """``size`` test indices drawn (seeded by POOL_SEED) from the test images outside ``val_union``."""
-    outside = np.setdiff1d(np.arange(n_test), val_union)
+    outside = recipes.unread_test_indices(n_test, val_union)
     if size > len(outside):
         raise SystemExit(f"--n-heldout {size}: only {len(outside)} test images lie outside the seeds' "
                          f"trajectory validation splits")

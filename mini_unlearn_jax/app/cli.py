@@ -63,8 +63,9 @@ class UsageError(Exception):
 def nonmember_indices(meta: dict, n_test: int) -> np.ndarray:
     """The test images the unlearning method never reads -- all but a trajectory run's held-out
     split: the test metrics of ``unlearn`` and an attack's non-members are computed on these."""
-    val = (meta.get("trajectory") or {}).get("val_indices", [])
-    return np.setdiff1d(np.arange(n_test), np.asarray(val, np.int64)).astype(np.int32)
+    from .recipes import unread_test_indices
+
+    return unread_test_indices(n_test, (meta.get("trajectory") or {}).get("val_indices", []))
 
 
 def cmd_train(args) -> int:

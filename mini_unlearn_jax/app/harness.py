@@ -371,11 +371,10 @@ def _train(spec: dict, seed: int, log) -> _Model:
     if tr.val_indices is not None:
         # trajectory unlearning reads these test images (rewind rule, calibration): every test
         # metric of this model, for every method and the reference, is on the rest of the test set
-        vi = np.asarray(tr.val_indices)
-        held_out = int(vi.size)
+        held_out = int(np.size(tr.val_indices))
         ds = tr.dataset
-        tr = tr._replace(dataset=dataclasses.replace(ds, x_test=np.delete(ds.x_test, vi, axis=0),
-                                                     y_test=np.delete(ds.y_test, vi, axis=0)))
+        unread = recipes.unread_test_indices(len(ds.y_test), tr.val_indices)
+        tr = tr._replace(dataset=dataclasses.replace(ds, x_test=ds.x_test[unread], y_test=ds.y_test[unread]))
     pb, ds = tr.problem, tr.dataset
     p_train = mt.predict_probs(pb.objective, pb.params, ds.x_train)
     p_test = mt.predict_probs(pb.objective, pb.params, ds.x_test)
@@ -468,7 +467,7 @@ def _evaluate(mdl: _Model, res: M.MethodOutput, ref: _Reference, forget, memory_
     ce = lambda p: float(np.mean(-np.log(np.clip(p[np.arange(len(yf)), yf], 1e-30, 1.0)))) if len(yf) else float("nan")
     row = {
         "n_removed": int(np.size(forget)), "reference": ref.name,
-        "n_test": int(len(ds.y_test)), "n_test_held_out": int(mdl.record.get("n_test_held_out", 0)),
+        "n_test": int(len(ds.y_test)), "n_test_held_out": mdl.record["n_test_held_out"],
         "test_acc": mt.accuracy(p_test, ds.y_test),
         "forget_acc": mt.accuracy(p_forget, y[forget]),
         "retain_acc": mt.accuracy(p_retain, y[keep]),

@@ -49,6 +49,12 @@ def validation_indices(n_test: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, 17]).choice(n_test, size=size, replace=False)).astype(np.int32)
 
 
+def unread_test_indices(n_test: int, val_indices) -> np.ndarray:
+    """The test images trajectory unlearning never reads: all ``n_test`` but ``val_indices`` (the
+    held-out split, or the union of several). Test metrics and attack non-members come from these."""
+    return np.setdiff1d(np.arange(n_test), np.asarray(val_indices, np.int64)).astype(np.int32)
+
+
 def keeps_trajectory(model: str, cfg: TrainConfig) -> bool:
     """The CLI's rule, which the harness shares: non-convex mini-batch training (an MLP under Adam
     or SGD with a batch size) keeps a trajectory buffer, so that ``mini`` is trajectory unlearning;
