@@ -111,6 +111,9 @@ def test_grid_runs_resumes_and_reports(tmp_path, toy_methods):
     table = (out / "table.md").read_text()
     assert "Command: `test`" in table and "| toy:scale=2 |" in table and "| toy-broken | — | — |" in table
     assert "| mini |" in table and "±" not in table.split("**KL ratio**")[1].split("**")[0]  # one seed: no std
+    forget_block = table.split("**forget-set loss / retrain's")[1].split("**")[1]  # past the heading's own **
+    by01 = by["mini", "0.1"]
+    assert f"| mini | {by01['forget_loss_ratio']:.3f} |" in forget_block  # one cell per ratio, in the table's order
     assert len(json.loads((out / "results.json").read_text())) == 15
 
 

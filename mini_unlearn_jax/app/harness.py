@@ -83,7 +83,7 @@ from . import recipes
 from .data import DataError
 
 METRICS = ("test_acc", "forget_acc", "retain_acc", "rel_param_error", "kl_test", "kl_forget", "kl_ratio",
-           "agreement_test", "time_ratio", "time_s", "compile_s", "mia_auc", "memory_bytes")
+           "agreement_test", "time_ratio", "time_s", "compile_s", "mia_auc", "memory_bytes", "forget_loss_ratio")
 REPORTS = ("grid", "fidelity")
 # a model entry's keys: a named recipe, build_problem's arguments, and TrainConfig fields replacing
 # the recipe's (the seed is the grid's)
@@ -817,7 +817,8 @@ def _grid_reports(cfg: GridConfig, out: Path, rows: list[dict], command: str) ->
     lines += [f"Command: `{command}`", ""]
     shown = [("test_acc", "test acc", "{:.4f}"), ("kl_ratio", "KL ratio", "{:.3g}"),
              ("rel_param_error", "rel. param error", "{:.3f}"), ("time_ratio", "time / retrain", "{:.3g}"),
-             ("mia_auc", "MIA AUC (loss)", "{:.3f}")]
+             ("mia_auc", "MIA AUC (loss)", "{:.3f}"),
+             ("forget_loss_ratio", "forget-set loss / retrain's (1: as unseen as after retraining)", "{:.3f}")]
     for data, model in sorted({(k[0], k[1]) for k in summ}):
         ratios = sorted({k[2] for k in summ if k[:2] == (data, model)}, key=_ratio_sort)
         methods = sorted({k[3] for k in summ if k[:2] == (data, model)})
