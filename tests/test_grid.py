@@ -364,3 +364,20 @@ def test_compiled_programs_are_dropped_between_models(tmp_path, monkeypatch):
     rows = run_grid(cfg, command="test", log=lambda *_: None)
     assert len(sizes) == 2 and all(n > 0 for n in sizes)  # before seeds 1 and 2, each time something to drop
     assert {r["seed"] for r in rows if r["method"] == "mini" and r["converged"]} == {0, 1, 2}
+
+
+def test_the_retrain_line_reads_only_rows_measured_against_the_shared_retrain(tmp_path):
+    """DeltaGrad's rows carry its own SGD retrain's accuracy and MIA AUC (its reference); the grid
+    table's ``retrain`` line must not average them in."""
+    cfg = GridConfig(out=str(tmp_path / "g"), seeds=[0], ratios=[0.2], methods=["finetune", "deltagrad"],
+                     models=[{"data": DATA, "model": "logreg"}], mia=True)
+    rows = run_grid(cfg, command="test", log=lambda *_: None)
+    by = {r["method"]: r for r in rows}
+    assert by["deltagrad"]["reference"] == "deltagrad_retrain" and by["finetune"]["reference"] == "retrain"
+    table = (tmp_path / "g" / "table.md").read_text()
+    for block, key, fmt in (("**test acc**", "retrain_test_acc", "{:.4f}"), ("**MIA AUC (loss)**", "mia_auc_retrain",
+                                                                              "{:.3f}")):
+        line = next(ln for ln in table.split(block)[1].splitlines() if ln.startswith("| retrain |"))
+        assert line == f"| retrain | {fmt.format(by['finetune'][key])} |"
+    # the two references differ here, so a line that mixed them in would show their mean instead
+    assert by["deltagrad"]["retrain_test_acc"] != by["finetune"]["retrain_test_acc"]
