@@ -445,6 +445,16 @@ def knob_grids(args, trained: recipes.Trained, sets, shadows, with_method: bool 
     return "\n".join(L)
 
 
+def heldout_split(n_test: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(pool, val)`` test indices: the attack's non-member pool (600) and the held-out split the
+    method reads (500 others). One fixed draw, shared by every seed (experiments/privacy.py draws
+    the held-out split per seed instead; experiments/rewind_noise.py compares the two)."""
+    pool = np.sort(np.random.default_rng(0).choice(n_test, size=min(600, n_test // 4), replace=False))
+    rest = np.setdiff1d(np.arange(n_test), pool)
+    val = np.sort(np.random.default_rng(123).choice(rest, size=min(500, len(rest) // 2), replace=False))
+    return pool, val
+
+
 def main() -> int:
     args = parse()
     out = Path(args.out)
@@ -455,9 +465,7 @@ def main() -> int:
     ds, model, objective = first.dataset, first.model, first.problem.objective
     args.n_train, args.steps = ds.n_train, first.problem.recipe.steps
     n = ds.n_train
-    pool = np.sort(np.random.default_rng(0).choice(len(ds.x_test), size=min(600, len(ds.x_test) // 4), replace=False))
-    rest = np.setdiff1d(np.arange(len(ds.x_test)), pool)
-    val = np.sort(np.random.default_rng(123).choice(rest, size=min(500, len(rest) // 2), replace=False))
+    pool, val = heldout_split(len(ds.x_test))
     sets = {"x_pool": ds.x_test[pool], "y_pool": ds.y_test[pool], "x_val": ds.x_test[val], "y_val": ds.y_test[val]}
     shadows = None
     if args.shadows:
