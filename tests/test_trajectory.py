@@ -102,6 +102,12 @@ def test_memorisation_gaps_and_standard_errors_match_numpy():
         pv = np.exp(-np.asarray(obj.losses(p, xv, yv)))
         np.testing.assert_allclose(float(gaps[k]), pf.mean() - pv.mean(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(float(se[k]), pf.std(ddof=1) / np.sqrt(25), rtol=1e-4)
+    # the held-out standard error (the rule's noise): sample s.d. of the held-out probabilities / sqrt(10)
+    hse = TJ.heldout_se(obj, traj, xv, yv)
+    assert hse.shape == (2,)
+    for k in range(2):
+        pv = np.exp(-np.asarray(obj.losses(jax.tree.map(lambda a, k=k: a[k], traj), xv, yv)))
+        np.testing.assert_allclose(float(hse[k]), pv.std(ddof=1) / np.sqrt(10), rtol=1e-4)
 
 
 def test_fit_temperature_matches_the_target_loss_on_the_overconfident_branch():
@@ -157,6 +163,10 @@ def test_method_on_a_tiny_mlp_against_retraining(tiny):
     ret = M.run_method("retrain", problem, forget)
     assert out.converged and 0 <= out.info["rewind_step"] < cfg.steps
     assert out.info["steps"] == 60  # budget 0.15 of 400 steps
+    # the rule's noise is reported with its choice: the held-out standard error of every snapshot's gap
+    np.testing.assert_allclose(out.info["gap_se"], np.asarray(TJ.heldout_se(obj, traj.params, xv, yv)), rtol=1e-5)
+    k = out.info["rewind_index"]
+    assert f"standard error {out.info['gap_se'][k]:.3f}" in out.reason and out.info["gap_se"][-1] > 0
     xf, yf = problem.x[forget], problem.y[forget]
     lf = {k: _forget_loss(obj, p, xf, yf) for k, p in
           (("original", problem.params), ("retrain", ret.params), ("unlearned", out.params))}

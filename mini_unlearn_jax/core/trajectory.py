@@ -143,6 +143,19 @@ def memorisation_gaps(objective: Objective, traj_params: Params, x_forget, y_for
     return jax.lax.map(gap, traj_params)
 
 
+def heldout_se(objective: Objective, traj_params: Params, x_val, y_val) -> jax.Array:
+    """``[K]``: the standard error of the held-out mean true-class probability at every snapshot
+    (sample standard deviation over the held-out set / sqrt(its size)). It is the sampling noise of
+    the training-set gap the rewind rule reads: with 500 held-out images ~0.013 once a model fits,
+    as large as the rule's threshold (experiments/rewind_noise.py). An estimate, not a bound."""
+
+    def se(p):
+        pv = jnp.exp(-objective.losses(p, x_val, y_val))
+        return jnp.std(pv, ddof=1) / jnp.sqrt(pv.shape[0])
+
+    return jax.lax.map(se, traj_params)
+
+
 def rule_gaps(forget_gaps: jax.Array, forget_se: jax.Array, profile: jax.Array, z: float) -> jax.Array:
     """The gaps the rewind rule reads: the training-set ``profile``, raised where the forget set is
     fit better than a random training subset of its size would be beyond sampling noise
@@ -287,7 +300,8 @@ class TrajectoryConfig:
 class TrajectoryResult(NamedTuple):
     """``params``; the snapshot it restarted from (``rewind_index``, ``rewind_step``); the
     memorisation gap of every snapshot (``gaps [K]``); the temperature ``tau`` (1 when not
-    calibrated); ``steps`` of retraining; ``finite``: whether the result is finite."""
+    calibrated); ``steps`` of retraining; ``finite``: whether the result is finite; ``gap_se [K]``:
+    the held-out standard error of the gaps (:func:`heldout_se`)."""
 
     params: Params
     rewind_index: jax.Array
@@ -296,6 +310,7 @@ class TrajectoryResult(NamedTuple):
     tau: jax.Array
     steps: int
     finite: jax.Array
+    gap_se: jax.Array
 
 
 def phase_steps(cfg: TrainConfig, config: TrajectoryConfig) -> int:
@@ -337,7 +352,8 @@ def trajectory_unlearn(objective: Objective, cfg: TrainConfig, config: Trajector
         tau = fit_temperature(objective.apply_fn(out, x_val), y_val, target)
         out = scale_head(out, tau, config.head)
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(out)]))
-    return TrajectoryResult(out, k, traj.steps[k], gaps, tau, steps, finite)
+    gse = heldout_se(objective, traj.params, x_val, y_val)
+    return TrajectoryResult(out, k, traj.steps[k], gaps, tau, steps, finite, gse)
 
 
 def forget_sample(forget, n: int, max_eval: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -381,8 +397,12 @@ def run_trajectory(problem, forget, *, trajectory: TrajectoryState, x_val, y_val
     ok = bool(res.finite)
     info = {"rewind_step": int(res.rewind_step), "rewind_index": int(res.rewind_index),
             "gaps": [float(v) for v in np.asarray(res.gaps)], "tau": float(res.tau), "steps": res.steps,
-            "snapshot_steps": [int(s) for s in np.asarray(trajectory.steps)]}
-    reason = (f"rewound to step {info['rewind_step']}, retrained {res.steps} steps, tau {info['tau']:.3g}"
+            "snapshot_steps": [int(s) for s in np.asarray(trajectory.steps)],
+            "gap_se": [float(v) for v in np.asarray(res.gap_se)]}
+    k = info["rewind_index"]
+    reason = (f"rewound to step {info['rewind_step']} (memorisation gap {info['gaps'][k]:+.3f}, held-out "
+              f"standard error {info['gap_se'][k]:.3f}, threshold {config.threshold:g}), retrained {res.steps} "
+              f"steps, tau {info['tau']:.3g}"
               if ok else "the retraining phase produced NaN/inf; the original parameters are returned")
     return MethodOutput(res.params if ok else problem.params, ok, reason, t, c, info)
 
