@@ -18,7 +18,9 @@ For every seed (init, batch order and forget set) and removal ratio:
 Members = the forget set, non-members = as many images of a fixed pool of 600 held-out test
 images; LiRA-online with ``--shadows`` shadows trained once with the target's recipe on random
 halves of the 2,000 training + 600 pool images (shared by all seeds and ratios). The method's
-held-out set is 500 other test images. Test accuracy is on all 10,000 test images.
+held-out set is 500 other test images: one draw shared by every seed, or with ``--heldout per-seed``
+a draw per seed (as privacy.py does; the rewind rule reads it, and its choice is mostly this
+draw's noise: experiments/rewind_noise.py). Test accuracy is on all 10,000 test images.
 
     python experiments/trajectory.py                  # writes experiments/results/trajectory/
     python experiments/trajectory.py --quick --out /tmp/traj-smoke
@@ -80,6 +82,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--knobs", choices=["all", "baselines"],
                    help="instead of the evaluation: the knob grids on seed 0 at 10 %% removal (all: writes knobs.md; "
                         "baselines: only SCRUB and SalUn, writes knobs_baselines.md)")
+    p.add_argument("--heldout", choices=["fixed", "per-seed"], default="fixed",
+                   help="the method's 500-image held-out split: one draw for every seed (fixed, the committed "
+                        "tables') or one per seed")
     p.add_argument("--out", default="experiments/results/trajectory")
     a = p.parse_args()
     if a.quick:
@@ -126,7 +131,11 @@ def run_seed(seed, args, trained: recipes.Trained, sets, shadows) -> dict:
     xj, yj = problem.x, problem.y
     n = len(x)
     train_s = trained.train_s + trained.train_compile_s
-    xv, yv = jnp.asarray(sets["x_val"]), jnp.asarray(sets["y_val"])
+    if args.heldout == "per-seed":
+        val = heldout_split(len(ds.x_test), seed)[1]
+        xv, yv = jnp.asarray(ds.x_test[val]), jnp.asarray(ds.y_test[val])
+    else:
+        xv, yv = jnp.asarray(sets["x_val"]), jnp.asarray(sets["y_val"])
     TJ.memorisation_profile(objective, traj, xj, yj, xv, yv)  # compile
     t0 = time.perf_counter()
     profile = jax.block_until_ready(TJ.memorisation_profile(objective, traj, xj, yj, xv, yv))
@@ -303,7 +312,9 @@ def table(results: dict, summ: dict, args) -> str:
          f"K = {args.size} log-spaced snapshots ({results['seeds'][str(args.seeds[0])]['snapshot_steps']}), "
          f"{results['seeds'][str(args.seeds[0])]['buffer_bytes'] / 2**20:.1f} MiB. "
          f"MIA: members = forget set, non-members = as many of 600 held-out test images; LiRA online with "
-         f"{args.shadows} shadows (target recipe, shared by all seeds). Gaps are AUC(model) - AUC(retrain), paired "
+         f"{args.shadows} shadows (target recipe, shared by all seeds). The method's 500-image held-out split: "
+         + ("one draw per seed. " if args.heldout == "per-seed" else "one draw shared by every seed. ")
+         + "Gaps are AUC(model) - AUC(retrain), paired "
          f"bootstrap 95% CI per seed; summary intervals are 95% t-intervals over the {len(args.seeds)} seeds. "
          "Times exclude compilation (minimum of repeated runs); the baselines get the trajectory method's "
          "measured time (steps set from their per-step time).", "",
@@ -445,13 +456,14 @@ def knob_grids(args, trained: recipes.Trained, sets, shadows, with_method: bool 
     return "\n".join(L)
 
 
-def heldout_split(n_test: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(pool, val)`` test indices: the attack's non-member pool (600) and the held-out split the
-    method reads (500 others). One fixed draw, shared by every seed (experiments/privacy.py draws
-    the held-out split per seed instead; experiments/rewind_noise.py compares the two)."""
+def heldout_split(n_test: int, seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(pool, val)`` test indices: the attack's non-member pool (600, one draw) and the held-out
+    split the method reads (500 others): one draw shared by every seed (``seed`` None, the committed
+    tables'; experiments/rewind_noise.py reads it), or a draw per ``seed`` (``--heldout per-seed``)."""
     pool = np.sort(np.random.default_rng(0).choice(n_test, size=min(600, n_test // 4), replace=False))
     rest = np.setdiff1d(np.arange(n_test), pool)
-    val = np.sort(np.random.default_rng(123).choice(rest, size=min(500, len(rest) // 2), replace=False))
+    rng = np.random.default_rng(123 if seed is None else [seed, 123])
+    val = np.sort(rng.choice(rest, size=min(500, len(rest) // 2), replace=False))
     return pool, val
 
 
