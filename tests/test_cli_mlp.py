@@ -86,3 +86,25 @@ def test_method_help_lists_the_registry():
     sub = " ".join(cli.build_parser()._subparsers._group_actions[0].choices["unlearn"].format_help().split())
     for name in M.METHODS:
         assert f"{name}:" in sub  # every registered method, with its summary
+
+
+def test_train_heldout_sets_the_split_the_method_reads(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", SPEC, "--model", "mlp", "--hidden", "32", "--steps", "60", "--batch-size",
+                     "64", "--heldout", "120", "--out", str(run)]) == 0
+    vi = load_run(run).meta["trajectory"]["val_indices"]
+    assert len(vi) == 120 and len(set(vi)) == 120 and min(vi) >= 0 and max(vi) < 400
+    code, rep = _json(capsys, ["unlearn", "--run", str(run), "--ratio", "0.1", "--out", str(tmp_path / "u"), "--json"])
+    assert code == 0 and rep["n_test"] == 400 - 120  # test metrics on the other 280
+    assert len(rep["details"]["gap_se"]) == len(rep["details"]["gaps"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "logreg", "--heldout", "100"], "keeps no trajectory buffer"),
+    (["--model", "mlp", "--steps", "20", "--batch-size", "64", "--heldout", "201"], "must lie in [2, 200]"),
+])
+def test_train_heldout_bad_values_are_refused_before_training(tmp_path, capsys, argv, message):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", SPEC, *argv, "--out", str(out)]) == 1  # a usage error
+    assert message in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())  # nothing written

@@ -76,7 +76,7 @@ def cmd_train(args) -> int:
     from ..evaluation.metrics import accuracy, predict_probs
     from . import checkpoint as ck
     from .data import load_dataset
-    from .recipes import build_problem, keeps_trajectory
+    from .recipes import build_problem, keeps_trajectory, validation_indices
 
     out = Path(args.out)
     ck.check_output_dir(out)  # a new or empty directory only: train never replaces anything
@@ -96,10 +96,20 @@ def cmd_train(args) -> int:
             cfg = dataclasses.replace(cfg, snapshot_every=max(1, cfg.steps // cfg.snapshots))
     # non-convex mini-batch training also keeps a trajectory buffer: `mini` unlearns along it
     with_trajectory = keeps_trajectory(args.model, cfg)
+    val_indices = None
+    if args.heldout is not None:
+        if not with_trajectory:
+            raise UsageError("--heldout sets the held-out split of a trajectory run (an MLP trained with a mini-batch "
+                             "optimizer); this run keeps no trajectory buffer and reads no test images. Drop --heldout.")
+        n_test = len(ds.y_test)
+        if not 2 <= args.heldout <= n_test // 2:
+            raise UsageError(f"--heldout must lie in [2, {n_test // 2}] (at most half of the {n_test} test images, so "
+                             f"the rest stay for test metrics and attack non-members), got {args.heldout}")
+        val_indices = validation_indices(n_test, args.seed, args.heldout)
     log(f"training {args.model} on {args.data}: n={ds.n_train}, {ds.num_classes} classes, l2={args.l2}, "
         f"{cfg.optimizer} {'full batch' if cfg.batch_size is None else f'batch {cfg.batch_size}'}, up to {cfg.steps} steps")
     trained = build_problem(ds, args.model, args.l2, args.seed, hidden=args.hidden, penalize_bias=args.penalize_bias,
-                            config=cfg, verbose=True, trajectory=with_trajectory)
+                            config=cfg, verbose=True, trajectory=with_trajectory, val_indices=val_indices)
     state, stats, objective = trained.state, trained.problem.stats, trained.problem.objective
     train_s, compile_s = trained.train_s, trained.train_compile_s
     traj_meta = None
@@ -613,6 +623,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, help="override the recipe's learning rate (adam/sgd)")
     t.add_argument("--optimizer", choices=["lbfgs", "adam", "sgd"], help="override the recipe's optimizer")
     t.add_argument("--snapshots", type=int, help="override the snapshot buffer size K")
+    t.add_argument("--heldout", type=int, metavar="N",
+                   help="MLP (trajectory) runs: hold out N test images for the rewind rule and the calibration "
+                        "(default 500; they are left out of every test metric and never MIA non-members). The "
+                        "rule's noise falls as 1/sqrt(N): ~0.013 at 500, as large as its threshold 0.01")
     u = sub.add_parser("unlearn", help="remove examples from a trained run into a new run directory",
                        formatter_class=_Formatter)
     u.add_argument("--run", required=True, help="run directory from `train` (or an earlier `unlearn`)")

@@ -41,11 +41,12 @@ TRAJECTORY_SIZE = 12  # snapshots in a trajectory buffer (log-spaced steps)
 VALIDATION_SIZE = 500  # held-out test images trajectory unlearning reads (at most half the test set)
 
 
-def validation_indices(n_test: int, seed: int) -> np.ndarray:
-    """The held-out split of a trajectory run: a seeded sample of ``min(500, n_test // 2)`` test
-    images, read by trajectory unlearning (rewind rule, calibration) and therefore never used as
-    membership-inference non-members."""
-    size = min(VALIDATION_SIZE, n_test // 2)
+def validation_indices(n_test: int, seed: int, size: int = VALIDATION_SIZE) -> np.ndarray:
+    """The held-out split of a trajectory run: a seeded sample of ``min(size, n_test // 2)`` test
+    images (``size`` default 500), read by trajectory unlearning (rewind rule, calibration) and
+    therefore never used as membership-inference non-members. The rewind rule's noise falls as
+    1/sqrt(size): ~0.013 at 500 once a model fits (experiments/rewind_noise.py)."""
+    size = min(int(size), n_test // 2)
     return np.sort(np.random.default_rng([seed, 17]).choice(n_test, size=size, replace=False)).astype(np.int32)
 
 
