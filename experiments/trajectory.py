@@ -93,6 +93,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--oracle-cal", action="store_true",
                    help=f"diagnostic row {ORACLE}: traj-no-cal calibrated to the *retrained* model's held-out loss "
                         "(which the method never reads), to see what the calibration target does to the gaps")
+    p.add_argument("--merge", nargs="+", metavar="DIR",
+                   help="instead of running: pool the seeds of earlier runs (their results.json; same setting, "
+                        "different seeds) into one table in --out, intervals over all their seeds")
     p.add_argument("--out", default="experiments/results/trajectory")
     a = p.parse_args()
     if a.quick:
@@ -306,6 +309,13 @@ def reading(summ: dict, results: dict, args) -> list[str]:
             f"LiRA gap from {nc['lira_gap'][0]:+.3f} to {t['lira_gap'][0]:+.3f} (mean over seeds). Of the two "
             f"models that never trained on the forget set, traj-from-init has LiRA gap {fi['lira_gap'][0]:+.3f} and "
             f"from-init {b['lira_gap'][0]:+.3f}.")
+        if "lira_gap" in t:
+            def diff(a, c, per=per):
+                return fmt_ci(mean_t_interval([ps[a]["lira_gap"] - ps[c]["lira_gap"] for ps in per]))
+            out.append(f"  Per-seed differences of the signed LiRA gap (95% t-interval): trajectory - from-init "
+                       f"{diff('trajectory', 'from-init')}; traj-from-init - from-init {diff('traj-from-init', 'from-init')}"
+                       f" (the schedule and calibration without the rewind); trajectory - traj-no-cal "
+                       f"{diff('trajectory', 'traj-no-cal')} (the calibration alone).")
     s0 = results["seeds"][str(args.seeds[0])]
     out.append(f"- Costs outside the request: the buffer holds {len(s0['snapshot_steps'])} parameter copies "
                f"({s0['buffer_bytes'] / 2**20:.1f} MiB); the memorisation profile, computed once after training, "
@@ -316,6 +326,11 @@ def reading(summ: dict, results: dict, args) -> list[str]:
 def fmt_ci(c, nd=3, sign=True) -> str:
     f = f"{{:{'+' if sign else ''}.{nd}f}}"
     return f"{f.format(c[0])} [{f.format(c[1])}, {f.format(c[2])}]" if np.isfinite(c[1]) else f.format(c[0])
+
+
+def count(v) -> str:
+    """A step count for the table (``results.json`` may hold it as a float); a dash when absent."""
+    return "—" if v is None else str(int(v))
 
 
 def table(results: dict, summ: dict, args) -> str:
@@ -357,7 +372,7 @@ def table(results: dict, summ: dict, args) -> str:
                 r = rows[name]
                 gap = lambda k, r=r: (f"{r[k]:+.3f} [{r[k + '_ci'][0]:+.3f}, {r[k + '_ci'][1]:+.3f}]"
                                       if k + "_ci" in r else "—")
-                L.append(f"| {s} | {name} | {r.get('rewind_step', '—')} | {r.get('steps', '—')} | "
+                L.append(f"| {s} | {name} | {count(r.get('rewind_step'))} | {count(r.get('steps'))} | "
                          f"{r['test_acc']:.4f} | {r['forget_loss']:.3f} ({r['forget_loss_ratio']:.2f}) | "
                          f"{r['loss_auc']:.3f} | {gap('loss_gap')} | {r.get('lira_auc', float('nan')):.3f} | "
                          f"{gap('lira_gap')} | {r.get('time_s', float('nan')):.3f} | "
@@ -481,9 +496,55 @@ def heldout_split(n_test: int, seed: int | None = None) -> tuple[np.ndarray, np.
     return pool, val
 
 
+MERGE_SAME = ("n_train", "steps", "ratios", "shadows", "size", "repeats", "boot", "heldout", "oracle_cal")
+
+
+def merge(args, out: Path) -> int:
+    """``--merge``: one table from the seeds of several runs of the same setting. Refuses runs whose
+    setting differs or whose seeds overlap, so no seed is counted twice."""
+    if any(Path(d).resolve() == out.resolve() for d in args.merge):
+        raise SystemExit(f"--merge: --out {out} is one of the runs being pooled; choose a new directory")
+    runs = []
+    for d in args.merge:
+        f = Path(d) / "results.json"
+        if not f.is_file():
+            raise SystemExit(f"--merge: {f} not found; pass directories written by this script")
+        runs.append(json.loads(f.read_text()))
+    for r in runs:  # runs from before a flag existed ran its default
+        r["args"] = {"heldout": "fixed", "oracle_cal": False, **{k: v for k, v in r["args"].items() if v is not None}}
+    base = runs[0]["args"]
+    for d, r in zip(args.merge, runs, strict=True):
+        diff = [f"{k}={r['args'].get(k)!r} vs {base.get(k)!r}" for k in MERGE_SAME if r["args"].get(k) != base.get(k)]
+        if diff:
+            raise SystemExit(f"--merge: {d} ran a different setting ({', '.join(diff)}); only runs that differ in "
+                             "their seeds can be pooled")
+    seeds = [int(s) for r in runs for s in r["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--merge: seeds {sorted(seeds)} repeat; pool runs with different seeds only")
+    for k in MERGE_SAME:
+        setattr(args, k, base.get(k))
+    args.seeds = seeds
+    results = {"command": "python " + " ".join(sys.argv), "merged_from": [r["command"] for r in runs],
+               "args": {**vars(args)}, "trajectory_config": runs[0]["trajectory_config"], "scrub": runs[0]["scrub"],
+               "salun": runs[0]["salun"], "seeds": {s: v for r in runs for s, v in r["seeds"].items()},
+               "wall_s": sum(r["wall_s"] for r in runs), "machine": runs[0]["machine"]}
+    summ = summarise(results, args)
+    results["summary"] = summ
+    results["verdicts"] = verdicts(summ, results, args)
+    text = table(results, summ, args).replace(
+        "\nMachine:", "\nPooled from: " + "; ".join(f"`{c}`" for c in results["merged_from"]) + " (wall: their sum)  \nMachine:", 1)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    (out / "table.md").write_text(text)
+    print(text)
+    return 0
+
+
 def main() -> int:
     args = parse()
     out = Path(args.out)
+    if args.merge:
+        return merge(args, out)
     out.mkdir(parents=True, exist_ok=True)
     # the first seed trained also provides the data, the shadows' objective and recipe, and the
     # recipe's values of the arguments left out
