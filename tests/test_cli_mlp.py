@@ -59,6 +59,9 @@ def test_mini_on_an_mlp_is_trajectory_unlearning_close_to_retraining(trained, ca
     # test metrics and MIA non-members never include the held-out split the method read
     n_unread = 400 - len(load_run(run_dir).meta["trajectory"]["val_indices"])
     assert rep["n_test"] == n_unread and rep["mia"]["n_nonmembers"] <= n_unread
+    # train's own test accuracy is on the same images, so it is the original's figure in unlearn's report
+    meta = load_run(run_dir).meta
+    assert meta["n_test"] == n_unread and meta["test_acc"] == pytest.approx(rep["original_test_acc"], abs=1e-9)
     # a second request on the result: the refreshed trajectory travels with it
     out2 = root / "unl2"
     code, rep2 = _json(capsys, ["unlearn", "--run", str(out), "--ratio", "0.1", "--out", str(out2), "--json"])

@@ -121,7 +121,10 @@ def cmd_train(args) -> int:
         log(f"trajectory buffer: {len(schedule)} snapshots at steps {schedule}; held-out split: "
             f"{trained.val_indices.size} test images (never MIA non-members)")
     p_train = predict_probs(objective, state.params, ds.x_train)
-    p_test = predict_probs(objective, state.params, ds.x_test)
+    # test accuracy on the images unlearning never reads, as `unlearn` reports it (all of them
+    # unless the run keeps a held-out split)
+    unread = nonmember_indices({"trajectory": traj_meta}, len(ds.x_test))
+    p_test = predict_probs(objective, state.params, ds.x_test[unread])
     param_count = int(sum(a.size for a in jax.tree.leaves(state.params)))
     meta = {
         "kind": "trained",
@@ -133,8 +136,8 @@ def cmd_train(args) -> int:
         "train_config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
         "train_time_s": train_s, "compile_s": compile_s, "steps_run": int(state.step),
         "final_grad_norm": float(state.grad_norm),
-        "train_acc": accuracy(p_train, ds.y_train), "test_acc": accuracy(p_test, ds.y_test),
-        "param_count": param_count, "param_bytes": nbytes(state.params),
+        "train_acc": accuracy(p_train, ds.y_train), "test_acc": accuracy(p_test, ds.y_test[unread]),
+        "n_test": int(unread.size), "param_count": param_count, "param_bytes": nbytes(state.params),
         "snapshot_buffer_bytes": nbytes(state.snapshots), "curvature_stats_bytes": nbytes(stats) if stats is not None else 0,
         "ledger": [], "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -148,7 +151,8 @@ def cmd_train(args) -> int:
     log(f"params {param_count} ({meta['param_bytes']} B), snapshot buffer {meta['snapshot_buffer_bytes']} B "
         f"(K={cfg.snapshots}), curvature stats {meta['curvature_stats_bytes']} B")
     print(f"trained {args.model} on {args.data} (n={ds.n_train}) in {train_s:.1f}s (+{compile_s:.1f}s "
-          f"compile): train acc {meta['train_acc']:.4f}, test acc {meta['test_acc']:.4f}; command "
+          f"compile): train acc {meta['train_acc']:.4f}, test acc {meta['test_acc']:.4f}"
+          f"{'' if traj_meta is None else f' (the {unread.size} test images outside the held-out split)'}; command "
           f"{process_wall_s():.1f}s -> {out}")
     return 0
 
@@ -574,7 +578,7 @@ def cmd_info(args) -> int:
 
     meta = ck.read_meta(args.run)
     keys = ["kind", "model", "hidden", "l2", "data_spec", "data_fingerprint", "n_train_original", "n_train",
-            "steps_run", "final_grad_norm", "train_acc", "test_acc", "param_count", "snapshot_buffer_bytes",
+            "steps_run", "final_grad_norm", "train_acc", "test_acc", "n_test", "param_count", "snapshot_buffer_bytes",
             "curvature_stats_bytes"]
     for k in keys:
         if k == "hidden" and meta.get("model") == "logreg":
