@@ -111,3 +111,39 @@ def test_train_heldout_bad_values_are_refused_before_training(tmp_path, capsys, 
     assert cli.main(["train", "--data", SPEC, *argv, "--out", str(out)]) == 1  # a usage error
     assert message in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())  # nothing written
+
+
+def test_unlearn_budget_sets_the_retraining_steps(trained, capsys):
+    root, run_dir = trained
+    code, rep = _json(capsys, ["unlearn", "--run", str(run_dir), "--ratio", "0.1", "--budget", "0.3",
+                               "--out", str(root / "budget"), "--json"])
+    assert code == 0 and rep["details"]["solver"] == "trajectory"
+    assert rep["details"]["budget"] == 0.3 and rep["details"]["steps"] == round(0.3 * 300)
+
+
+def test_the_cli_budget_default_is_the_methods():
+    from mini_unlearn_jax.core.trajectory import TrajectoryConfig
+
+    assert cli.TRAJECTORY_BUDGET_DEFAULT == TrajectoryConfig().budget  # a copy, kept in step
+
+
+@pytest.fixture(scope="module")
+def logreg_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("cli_logreg") / "run"
+    assert cli.main(["train", "--data", SPEC, "--model", "logreg", "--out", str(run)]) == 0
+    return run
+
+
+@pytest.mark.parametrize("which, argv, message", [
+    ("mlp", ["--budget", "0"], "in (0, 1]"),
+    ("mlp", ["--budget", "1.5"], "in (0, 1]"),
+    ("mlp", ["--budget", "0.3", "--method", "retrain"], "does not retrain along a trajectory"),
+    ("logreg", ["--budget", "0.3"], "keeps no trajectory buffer"),
+])
+def test_unlearn_budget_bad_uses_are_refused_before_loading(trained, logreg_run, tmp_path, capsys, which, argv,
+                                                              message):
+    run = trained[1] if which == "mlp" else logreg_run
+    out = tmp_path / "out"
+    assert cli.main(["unlearn", "--run", str(run), "--ratio", "0.1", *argv, "--out", str(out)]) == 1
+    assert message in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())  # nothing written

@@ -397,7 +397,7 @@ def run_trajectory(problem, forget, *, trajectory: TrajectoryState, x_val, y_val
     ok = bool(res.finite)
     info = {"rewind_step": int(res.rewind_step), "rewind_index": int(res.rewind_index),
             "gaps": [float(v) for v in np.asarray(res.gaps)], "tau": float(res.tau), "steps": res.steps,
-            "snapshot_steps": [int(s) for s in np.asarray(trajectory.steps)],
+            "snapshot_steps": [int(s) for s in np.asarray(trajectory.steps)], "budget": config.budget,
             "gap_se": [float(v) for v in np.asarray(res.gap_se)]}
     k = info["rewind_index"]
     reason = (f"rewound to step {info['rewind_step']} (memorisation gap {info['gaps'][k]:+.3f}, held-out "
