@@ -40,7 +40,8 @@ TRAJECTORY_CAVEAT = (
     "within 0.03 of retraining's at 10 % and 30 % removal on three seeds; on the 10,000-image MLP of "
     "experiments/results/fidelity/table.md its test accuracy was within 0.5 points of retraining's at 1-50 % "
     "removal (one seed), while on a 600-step MLP (experiments/results/trajectory_budget_grid_mlp) the default "
-    "budget left it 0.5-0.9 points below and --budget 0.25 brought it within 0.3 points at 0.17 of retraining's time; a plain retraining from the initialisation for the same time was less accurate, "
+    "budget left it 0.5-0.9 points below and --budget 0.25 brought it within 0.3 points at 0.17 of "
+    "retraining's time; a plain retraining from the initialisation for the same time was less accurate, "
     "with AUC gaps as small or, for LiRA at 30 % over twelve seeds in experiments/results/"
     "trajectory_12seeds_perseed, smaller by about 0.006. Measure it "
     "with --compare-retrain --mia, and retrain where the removed examples must provably not be memorised.")
@@ -397,7 +398,7 @@ def cmd_unlearn(args) -> int:
     if nxt_traj is not None:  # the refreshed trajectory: last slot the new model, profile on the remaining data
         meta = dict(meta, trajectory=dict(meta["trajectory"], profile=[float(v) for v in np.asarray(nxt_traj.profile)]))
     new_meta = dict(meta, kind="unlearned", n_train=int(n - forget.size), ledger=list(meta.get("ledger", [])) + [entry],
-                    test_acc=report["test_acc"], train_acc=report["retain_acc"],
+                    test_acc=report["test_acc"], n_test=report["n_test"], train_acc=report["retain_acc"],
                     steps_run=None, final_grad_norm=None,
                     curvature_stats_bytes=nbytes(nxt.problem.stats) if nxt.problem.stats is not None else 0)
     report["wall_s"] = process_wall_s()  # up to writing the result (measured before the write)
