@@ -172,9 +172,8 @@ def run_seed(seed, args, trained: recipes.Trained, sets, shadows) -> dict:
         res["traj-from-init"] = TJ.run_trajectory(problem, forget, **traj_kw, config=TJ.TrajectoryConfig(rewind_at=0))
         if args.oracle_cal:  # a diagnostic, not a method: it reads the retrained model
             nc = res["traj-no-cal"]
-            target = jnp.mean(objective.losses(ret.params, xv, yv))
-            tau = TJ.fit_temperature(objective.apply_fn(nc.params, xv), yv, target)
-            res[ORACLE] = nc._replace(params=TJ.scale_head(nc.params, tau), info={**nc.info, "tau": float(tau)},
+            params, tau = TJ.calibrate(objective, nc.params, ret.params, xv, yv)
+            res[ORACLE] = nc._replace(params=params, info={**nc.info, "tau": float(tau)},
                                       reason="diagnostic: calibrated to the retrained model's held-out loss")
         budget = res["trajectory"].time_s
         runs = baseline_runs(problem, forget)

@@ -178,6 +178,10 @@ def test_method_on_a_tiny_mlp_against_retraining(tiny):
     # calibration: the unlearned model's held-out loss is the original's
     np.testing.assert_allclose(_forget_loss(obj, out.params, xv, yv), _forget_loss(obj, problem.params, xv, yv),
                                rtol=1e-3)
+    # calibrate, the step behind it: a model already at the target's held-out loss keeps temperature 1
+    again, tau = TJ.calibrate(obj, out.params, problem.params, xv, yv)
+    np.testing.assert_allclose(float(tau), 1.0, atol=1e-3)
+    np.testing.assert_allclose(_forget_loss(obj, again, xv, yv), _forget_loss(obj, problem.params, xv, yv), rtol=1e-3)
 
 
 def test_a_new_request_size_reuses_the_compiled_program(tiny):

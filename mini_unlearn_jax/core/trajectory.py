@@ -214,6 +214,16 @@ def scale_head(params: Params, tau, head: str | None = None) -> Params:
     return {**params, head: jax.tree.map(lambda a: (a * tau).astype(a.dtype), params[head])}
 
 
+def calibrate(objective: Objective, params: Params, reference: Params, x_val, y_val,
+              head: str | None = None) -> tuple[Params, jax.Array]:
+    """``(params', tau)``: ``params`` with its head scaled by the temperature that makes its mean
+    held-out loss on ``(x_val, y_val)`` that of ``reference`` (:func:`fit_temperature`,
+    :func:`scale_head`; predictions unchanged)."""
+    target = jnp.mean(objective.losses(reference, x_val, y_val))
+    tau = fit_temperature(objective.apply_fn(params, x_val), y_val, target)
+    return scale_head(params, tau, head), tau
+
+
 def keep_batches(key: jax.Array, keep: jax.Array, steps: int, batch_size: int) -> jax.Array:
     """Mini-batch indices ``[steps, batch_size]``: epochs over the kept rows (``keep > 0``) in a
     fresh random order per epoch (fixed shapes for any number of kept rows)."""
@@ -348,9 +358,7 @@ def trajectory_unlearn(objective: Objective, cfg: TrainConfig, config: Trajector
                      batch_size=cfg.batch_size, learning_rate=lr)
     tau = jnp.ones((), jnp.float32)
     if config.calibrate:
-        target = jnp.mean(objective.losses(params, x_val, y_val))
-        tau = fit_temperature(objective.apply_fn(out, x_val), y_val, target)
-        out = scale_head(out, tau, config.head)
+        out, tau = calibrate(objective, out, params, x_val, y_val, config.head)
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(out)]))
     gse = heldout_se(objective, traj.params, x_val, y_val)
     return TrajectoryResult(out, k, traj.steps[k], gaps, tau, steps, finite, gse)
