@@ -81,7 +81,7 @@ def cmd_train(args) -> int:
     from ..evaluation.metrics import accuracy, predict_probs
     from . import checkpoint as ck
     from .data import load_dataset
-    from .recipes import build_problem, keeps_trajectory, validation_indices
+    from .recipes import build_problem, keeps_trajectory, unread_test_indices, validation_indices
 
     out = Path(args.out)
     ck.check_output_dir(out)  # a new or empty directory only: train never replaces anything
@@ -128,7 +128,7 @@ def cmd_train(args) -> int:
     p_train = predict_probs(objective, state.params, ds.x_train)
     # test accuracy on the images unlearning never reads, as `unlearn` reports it (all of them
     # unless the run keeps a held-out split)
-    unread = nonmember_indices({"trajectory": traj_meta}, len(ds.x_test))
+    unread = unread_test_indices(len(ds.x_test), trained.val_indices if with_trajectory else [])
     p_test = predict_probs(objective, state.params, ds.x_test[unread])
     param_count = int(sum(a.size for a in jax.tree.leaves(state.params)))
     meta = {
