@@ -30,6 +30,7 @@ draw's noise: experiments/rewind_noise.py). Test accuracy is on all 10,000 test 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import platform
@@ -42,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mini_unlearn_jax.app import recipes
+from mini_unlearn_jax.app.data import load_dataset
 from mini_unlearn_jax.core import methods as M
 from mini_unlearn_jax.core import trajectory as TJ
 from mini_unlearn_jax.core.aot import steps_for_time
@@ -90,6 +92,11 @@ def parse() -> argparse.Namespace:
     p.add_argument("--heldout", choices=["fixed", "per-seed"], default="fixed",
                    help="the method's 500-image held-out split: one draw for every seed (fixed, the committed "
                         "tables') or one per seed")
+    p.add_argument("--nonmembers", choices=["test", "block"], default="test",
+                   help="the attacks' non-members: 600 held-out test images (test, the committed tables'), or, per "
+                        "seed, 600 images of a block of the first N + 600 training images, the other N of which are "
+                        "the training set (block: members and non-members then come from the same images, so a model "
+                        "that saw neither scores AUC 0.5 in expectation; the training set differs per seed)")
     p.add_argument("--oracle-cal", action="store_true",
                    help=f"diagnostic row {ORACLE}: traj-no-cal calibrated to the *retrained* model's held-out loss "
                         "(which the method never reads), to see what the calibration target does to the gaps")
@@ -98,6 +105,8 @@ def parse() -> argparse.Namespace:
                         "different seeds) into one table in --out, intervals over all their seeds")
     p.add_argument("--out", default="experiments/results/trajectory")
     a = p.parse_args()
+    if a.knobs and a.nonmembers != "test":
+        p.error("--knobs reads the knobs on the committed protocol; run it without --nonmembers")
     if a.quick:
         a.n_train, a.steps, a.seeds, a.ratios, a.shadows, a.repeats, a.boot = 400, 200, [0], [0.1], 4, 1, 100
     return a
@@ -188,7 +197,8 @@ def run_seed(seed, args, trained: recipes.Trained, sets, shadows) -> dict:
         if shadows is not None:
             rep, _, scores = P.full_suite(
                 objective, params, xf, yf, sets["x_pool"], sets["y_pool"], learned=False, seed=seed,
-                shadows=(shadows.take(forget), shadows.take(n + np.arange(len(sets["x_pool"])))), return_scores=True)
+                shadows=(shadows.take(sets["shadow_index"][forget]), shadows.take(sets["shadow_index_pool"])),
+                return_scores=True)
         else:  # loss attack only
             mia = P.default_mia(objective, params, xf, yf, sets["x_pool"], sets["y_pool"], seed=seed)
         rows = {}
@@ -308,6 +318,13 @@ def reading(summ: dict, results: dict, args) -> list[str]:
             f"LiRA gap from {nc['lira_gap'][0]:+.3f} to {t['lira_gap'][0]:+.3f} (mean over seeds). Of the two "
             f"models that never trained on the forget set, traj-from-init has LiRA gap {fi['lira_gap'][0]:+.3f} and "
             f"from-init {b['lira_gap'][0]:+.3f}.")
+        ret = [ps["retrain"] for ps in per]
+        out.append(f"  The retrained model trained on neither members nor non-members: its mean AUC is loss "
+                   f"{fmt_ci(mean_t_interval([r['loss_auc'] for r in ret]), sign=False)}"
+                   + (f", LiRA {fmt_ci(mean_t_interval([r['lira_auc'] for r in ret]), sign=False)}" if "lira_auc" in ret[0] else "")
+                   + f" (0.5 where the two are exchangeable), and its forget-set loss is "
+                   f"{fmt_ci(mean_t_interval([r['forget_loss'] / r['heldout_loss'] for r in ret]), nd=2, sign=False)}x "
+                   "its non-members' loss.")
         if "lira_gap" in t:
             def diff(a, c, per=per):
                 return fmt_ci(mean_t_interval([ps[a]["lira_gap"] - ps[c]["lira_gap"] for ps in per]))
@@ -342,8 +359,14 @@ def table(results: dict, summ: dict, args) -> str:
          f"Adam 1e-3, batch 128, {args.steps} steps), seeds {args.seeds} (init, batch order and forget set), "
          f"K = {args.size} log-spaced snapshots ({results['seeds'][str(args.seeds[0])]['snapshot_steps']}), "
          f"{results['seeds'][str(args.seeds[0])]['buffer_bytes'] / 2**20:.1f} MiB. "
-         f"MIA: members = forget set, non-members = as many of 600 held-out test images; LiRA online with "
-         f"{args.shadows} shadows (target recipe, shared by all seeds). The method's 500-image held-out split: "
+         + (f"MIA: members = forget set, non-members = as many of 600 held-out test images; LiRA online with "
+            f"{args.shadows} shadows (target recipe, shared by all seeds). "
+            if getattr(args, "nonmembers", "test") == "test" else
+            f"MIA (--nonmembers block): per seed, the first {args.n_train + POOL} training images are split at "
+            f"random into the seed's {args.n_train} training images and {POOL} non-members, so members (the forget "
+            f"set) and non-members are exchangeable for a model that trained on neither; LiRA online with "
+            f"{args.shadows} shadows on random halves of that block (target recipe, shared by all seeds). ")
+         + "The method's 500-image held-out split: "
          + ("one draw per seed. " if args.heldout == "per-seed" else "one draw shared by every seed. ")
          + "Gaps are AUC(model) - AUC(retrain), paired "
          f"bootstrap 95% CI per seed; summary intervals are 95% t-intervals over the {len(args.seeds)} seeds. "
@@ -498,7 +521,32 @@ def heldout_split(n_test: int, seed: int | None = None) -> tuple[np.ndarray, np.
     return pool, val
 
 
-MERGE_SAME = ("n_train", "steps", "ratios", "shadows", "size", "repeats", "boot", "heldout", "oracle_cal")
+POOL = 600  # non-members
+
+
+def block_split(n_train: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``--nonmembers block``: ``(train, pool)`` indices into the first ``n_train + POOL`` training images,
+    a uniform random partition per seed, so the pool and any forget set drawn from the training part are
+    exchangeable for a model that trained on neither."""
+    pool = np.sort(np.random.default_rng([seed, POOL]).choice(n_train + POOL, size=POOL, replace=False))
+    return np.setdiff1d(np.arange(n_train + POOL), pool), pool
+
+
+def seed_data(seed: int, args, full, test_sets: dict):
+    """``(dataset, sets)`` for one seed: the training set and the attacks' non-member pool with each
+    example's index into the shadows' data (the training images then the test pool for ``test``; the
+    ``n + POOL`` block for ``block``)."""
+    if args.nonmembers == "test":
+        n = full.n_train
+        return full, {**test_sets, "shadow_index": np.arange(n), "shadow_index_pool": n + np.arange(len(test_sets["x_pool"]))}
+    tr, pool = block_split(args.n_train, seed)
+    ds = dataclasses.replace(full, x_train=full.x_train[tr], y_train=full.y_train[tr],
+                             spec=f"{full.spec} (seed {seed}'s {args.n_train} of the first {args.n_train + POOL})")
+    return ds, {**test_sets, "x_pool": full.x_train[pool], "y_pool": full.y_train[pool],
+                "shadow_index": tr, "shadow_index_pool": pool}
+
+
+MERGE_SAME = ("n_train", "steps", "ratios", "shadows", "size", "repeats", "boot", "heldout", "oracle_cal", "nonmembers")
 
 
 def merge(args, out: Path) -> int:
@@ -513,7 +561,7 @@ def merge(args, out: Path) -> int:
             raise SystemExit(f"--merge: {f} not found; pass directories written by this script")
         runs.append(json.loads(f.read_text()))
     for r in runs:  # runs from before a flag existed ran its default
-        r["args"] = {"heldout": "fixed", "oracle_cal": False, **{k: v for k, v in r["args"].items() if v is not None}}
+        r["args"] = {"heldout": "fixed", "oracle_cal": False, "nonmembers": "test", **{k: v for k, v in r["args"].items() if v is not None}}
     base = runs[0]["args"]
     for d, r in zip(args.merge, runs, strict=True):
         diff = [f"{k}={r['args'].get(k)!r} vs {base.get(k)!r}" for k in MERGE_SAME if r["args"].get(k) != base.get(k)]
@@ -547,17 +595,26 @@ def main() -> int:
     if args.merge:
         return merge(args, out)
     out.mkdir(parents=True, exist_ok=True)
-    # the first seed trained also provides the data, the shadows' objective and recipe, and the
-    # recipe's values of the arguments left out
-    first = train(KNOB_SEED if args.knobs else args.seeds[0], args)
-    ds, model, objective = first.dataset, first.model, first.problem.objective
-    args.n_train, args.steps = ds.n_train, first.problem.recipe.steps
-    n = ds.n_train
-    pool, val = heldout_split(len(ds.x_test))
-    sets = {"x_pool": ds.x_test[pool], "y_pool": ds.y_test[pool], "x_val": ds.x_test[val], "y_val": ds.y_test[val]}
+    # the first seed trained also provides the shadows' objective and recipe, and the recipe's values
+    # of the arguments left out
+    if args.n_train is None:
+        args.n_train = load_dataset(recipes.RECIPES[RECIPE][0]).n_train
+    full = load_dataset(f"fashion_mnist:n_train={args.n_train + (POOL if args.nonmembers == 'block' else 0)}")
+    pool, val = heldout_split(len(full.x_test))
+    test_sets = {"x_pool": full.x_test[pool], "y_pool": full.y_test[pool],
+                 "x_val": full.x_test[val], "y_val": full.y_test[val]}
+    seed0 = KNOB_SEED if args.knobs else args.seeds[0]
+    ds, sets = seed_data(seed0, args, full, test_sets)
+    first = train(seed0, args, ds)
+    model, objective = first.model, first.problem.objective
+    args.steps = first.problem.recipe.steps
+    n = args.n_train
     shadows = None
     if args.shadows:
-        cache = out / f"shadows_{args.shadows}_{n}_{args.steps}.npz"
+        # the shadows' data: the training images then the test pool (test), or the whole block (block)
+        x_sh, y_sh = ((np.concatenate([ds.x_train, sets["x_pool"]]), np.concatenate([ds.y_train, sets["y_pool"]]))
+                      if args.nonmembers == "test" else (full.x_train, full.y_train))
+        cache = out / f"shadows_{args.shadows}_{n}_{args.steps}_{args.nonmembers}.npz"
         if cache.exists():
             z = np.load(cache)
             shadows = P.ShadowSet(z["phi"], z["in_mask"])
@@ -565,8 +622,7 @@ def main() -> int:
         else:
             log(f"training {args.shadows} shadows ...")
             shadows, secs = P.train_shadow_set(
-                objective, lambda k: model.init(k, jnp.asarray(ds.x_train[:1]))["params"],
-                np.concatenate([ds.x_train, sets["x_pool"]]), np.concatenate([ds.y_train, sets["y_pool"]]),
+                objective, lambda k: model.init(k, jnp.asarray(ds.x_train[:1]))["params"], x_sh, y_sh,
                 num_shadows=args.shadows, recipe=P.shadow_recipe(first.problem.recipe), seed=1)
             np.savez(cache, phi=shadows.phi, in_mask=shadows.in_mask)
             log(f"  {secs:.0f}s")
@@ -578,8 +634,9 @@ def main() -> int:
     results = {"command": "python " + " ".join(sys.argv), "args": vars(args),
                "trajectory_config": str(TJ.TrajectoryConfig()), "scrub": SCRUB, "salun": SALUN, "seeds": {}}
     for seed in args.seeds:
-        trained = first if seed == args.seeds[0] else train(seed, args, ds)
-        results["seeds"][str(seed)] = run_seed(seed, args, trained, sets, shadows)
+        ds_s, sets_s = (ds, sets) if seed == seed0 else seed_data(seed, args, full, test_sets)
+        trained = first if seed == seed0 else train(seed, args, ds_s)
+        results["seeds"][str(seed)] = run_seed(seed, args, trained, sets_s, shadows)
     summ = summarise(results, args)
     results["summary"] = summ
     results["verdicts"] = verdicts(summ, results, args)
