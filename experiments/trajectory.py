@@ -21,10 +21,15 @@ halves of the 2,000 training + 600 pool images (shared by all seeds and ratios).
 held-out set is 500 other test images: one draw shared by every seed, or with ``--heldout per-seed``
 a draw per seed (as privacy.py does; the rewind rule reads it, and its choice is mostly this
 draw's noise: experiments/rewind_noise.py). Test accuracy is on all 10,000 test images.
+Test images are not exchangeable with the forget set (a model that trained on neither scores the
+forget set as easier), so ``--nonmembers block`` instead draws the non-members per seed from a block
+of training images that the seed's training set is the rest of.
 
     python experiments/trajectory.py                  # writes experiments/results/trajectory/
     python experiments/trajectory.py --quick --out /tmp/traj-smoke
     python experiments/trajectory.py --knobs all      # the grids the knobs were read from -> knobs.md
+    python experiments/trajectory.py --seeds 0 1 2 3 4 5 --heldout per-seed --nonmembers block \
+        --out experiments/results/trajectory_block_seeds0to5
 """
 
 from __future__ import annotations

@@ -42,8 +42,9 @@ TRAJECTORY_CAVEAT = (
     "removal (one seed), while on a 600-step MLP (experiments/results/trajectory_budget_grid_mlp) the default "
     "budget left it 0.5-0.9 points below and --budget 0.25 brought it within 0.3 points at 0.17 of "
     "retraining's time; a plain retraining from the initialisation for the same time was less accurate, "
-    "with AUC gaps as small or, for LiRA at 30 % over twelve seeds in experiments/results/"
-    "trajectory_12seeds_perseed, smaller by about 0.006. Measure it "
+    "with AUC gaps that differ from this one's within noise (twelve seeds, non-members exchangeable with the "
+    "forget set: experiments/results/trajectory_block_12seeds; with test-image non-members the baseline's "
+    "LiRA gap was smaller by about 0.006 at 30 %, an effect of those non-members). Measure it "
     "with --compare-retrain --mia, and retrain where the removed examples must provably not be memorised.")
 
 TRAJECTORY_BUDGET_DEFAULT = 0.15  # core.trajectory.TrajectoryConfig().budget (no jax import here)
