@@ -270,6 +270,7 @@ def test_grid_toml_loads():
     assert np.all([parse_ratio(r)[0] in ("uniform", "class", "seq") for r in cfg.ratios])
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # its plots once log-scaled an empty panel
 def test_forget_score_over_seeds_on_a_shared_forget_set(tmp_path):
     """forget_score over 8 seeds on one forget set (forget_seed): a method that returns exactly the
     retrained model scores 1 (indistinguishable), one that returns a constant-output model scores

@@ -906,14 +906,21 @@ def _grid_plots(rows, summ, out: Path) -> None:
         plt.close(fig)
     fig, axes = plt.subplots(1, len(pairs), figsize=(6 * len(pairs), 4), squeeze=False)
     for ax, (data, model) in zip(axes[0], pairs, strict=True):
+        plotted = False
         for meth in sorted({k[3] for k in summ if k[:2] == (data, model)}):
             pts = [(v["time_ratio"][0], v["kl_ratio"][0]) for k, v in summ.items()
-                   if k[:2] == (data, model) and k[3] == meth and "kl_ratio" in v and v["kl_ratio"][0] > 0]
+                   if k[:2] == (data, model) and k[3] == meth and "kl_ratio" in v and v["kl_ratio"][0] > 0
+                   and v["time_ratio"][0] > 0]
             if pts:
                 xs, ys = zip(*pts, strict=True)
                 ax.scatter(xs, ys, label=meth, s=18)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
+                plotted = True
+        if plotted:  # log axes need positive values; an empty panel says why it is empty
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        else:
+            ax.text(0.5, 0.5, "no positive KL and time ratios to plot", ha="center", va="center",
+                    transform=ax.transAxes)
         ax.set_xlabel("time / retrain time")
         ax.set_ylabel("KL(p_R || p_U) / KL(p_R || p_original)")
         ax.set_title(f"fidelity vs time: {model} on {data}")
