@@ -73,7 +73,7 @@ TARGET = {"auc": 0.03, "forget_loss_ratio": 0.7, "test_acc_pts": 1.0, "time_rati
 
 
 def models(args) -> tuple[str, ...]:
-    return MODELS + ((ORACLE,) if getattr(args, "oracle_cal", False) else ())
+    return MODELS + ((ORACLE,) if args.oracle_cal else ())
 
 
 def log(msg: str) -> None:
@@ -366,7 +366,7 @@ def table(results: dict, summ: dict, args) -> str:
          f"{results['seeds'][str(args.seeds[0])]['buffer_bytes'] / 2**20:.1f} MiB. "
          + (f"MIA: members = forget set, non-members = as many of 600 held-out test images; LiRA online with "
             f"{args.shadows} shadows (target recipe, shared by all seeds). "
-            if getattr(args, "nonmembers", "test") == "test" else
+            if args.nonmembers == "test" else
             f"MIA (--nonmembers block): per seed, the first {args.n_train + POOL} training images are split at "
             f"random into the seed's {args.n_train} training images and {POOL} non-members, so members (the forget "
             f"set) and non-members are exchangeable for a model that trained on neither; LiRA online with "
@@ -583,6 +583,11 @@ def merge(args, out: Path) -> int:
                "args": {**vars(args)}, "trajectory_config": runs[0]["trajectory_config"], "scrub": runs[0]["scrub"],
                "salun": runs[0]["salun"], "seeds": {s: v for r in runs for s, v in r["seeds"].items()},
                "wall_s": sum(r["wall_s"] for r in runs), "machine": runs[0]["machine"]}
+    return write_results(results, args, out)
+
+
+def write_results(results: dict, args, out: Path) -> int:
+    """Summary and verdicts into ``results``; ``results.json`` and ``table.md`` in ``out``; the table printed."""
     summ = summarise(results, args)
     results["summary"] = summ
     results["verdicts"] = verdicts(summ, results, args)
@@ -602,9 +607,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     # the first seed trained also provides the shadows' objective and recipe, and the recipe's values
     # of the arguments left out
-    if args.n_train is None:
-        args.n_train = load_dataset(recipes.RECIPES[RECIPE][0]).n_train
-    full = load_dataset(f"fashion_mnist:n_train={args.n_train + (POOL if args.nonmembers == 'block' else 0)}")
+    full = load_dataset(recipes.RECIPES[RECIPE][0] if args.n_train is None else f"fashion_mnist:n_train={args.n_train}")
+    args.n_train = full.n_train
+    if args.nonmembers == "block":  # the training set and the non-members come from a block of N + POOL images
+        full = load_dataset(f"fashion_mnist:n_train={args.n_train + POOL}")
     pool, val = heldout_split(len(full.x_test))
     test_sets = {"x_pool": full.x_test[pool], "y_pool": full.y_test[pool],
                  "x_val": full.x_test[val], "y_val": full.y_test[val]}
@@ -642,15 +648,9 @@ def main() -> int:
         ds_s, sets_s = (ds, sets) if seed == seed0 else seed_data(seed, args, full, test_sets)
         trained = first if seed == seed0 else train(seed, args, ds_s)
         results["seeds"][str(seed)] = run_seed(seed, args, trained, sets_s, shadows)
-    summ = summarise(results, args)
-    results["summary"] = summ
-    results["verdicts"] = verdicts(summ, results, args)
     results["wall_s"] = time.perf_counter() - T0
     results["machine"] = f"{platform.machine()} CPU x{__import__('os').cpu_count()}, jax {jax.__version__}"
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
-    (out / "table.md").write_text(table(results, summ, args))
-    print(table(results, summ, args))
-    return 0
+    return write_results(results, args, out)
 
 
 if __name__ == "__main__":
