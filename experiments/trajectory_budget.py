@@ -6,7 +6,7 @@ method's default budget is read from.
 fraction of the recipe's steps) at a few removal ratios, side by side with retraining, and records
 the snapshot the rewind rule chose. ``TrajectoryConfig.budget`` is the smallest budget whose test
 accuracy at 10 % removal (seed 0) is not below retraining's; the other ratios show how that choice
-carries over. ``--setting grid-mlp`` is experiments/grid.toml's shorter MLP (5,000 images, hidden
+carries over. ``--setting grid-mlp`` is experiments/grid.toml's shorter MLP (recipes "grid-mlp": 5,000 images, hidden
 128, l2 1e-4, 600 steps), on which no knob was read: what a user with a short recipe gets from
 ``unlearn --budget``. Test accuracy is on the test images the method does not read (all but the
 run's 500-image held-out split), as the CLI and the grid report it.
@@ -29,18 +29,14 @@ from mini_unlearn_jax.core import methods as M
 from mini_unlearn_jax.core import trajectory as TJ
 from mini_unlearn_jax.evaluation.metrics import accuracy, mean_t_interval, predict_probs
 
-SETTINGS = {
-    "fidelity-mlp": lambda seed: recipes.recipe("fidelity-mlp", seed, trajectory=True),
-    "grid-mlp": lambda seed: recipes.build_problem("fashion_mnist:n_train=5000", "mlp", 1e-4, seed, hidden=128,
-                                                   trajectory=True),
-}
+SETTINGS = ("fidelity-mlp", "grid-mlp")  # names in recipes.RECIPES
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budgets", type=float, nargs="+", default=[0.075, 0.1, 0.125, 0.15])
     p.add_argument("--ratios", type=float, nargs="+", default=[0.01, 0.1, 0.5])
-    p.add_argument("--setting", choices=sorted(SETTINGS), default="fidelity-mlp")
+    p.add_argument("--setting", choices=SETTINGS, default="fidelity-mlp")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--out", help="default: experiments/results/trajectory_budget (fidelity-mlp), "
                                  "experiments/results/trajectory_budget_grid_mlp (grid-mlp)")
@@ -50,7 +46,7 @@ def main() -> int:
     t0 = time.perf_counter()
     rows = []
     for seed in args.seeds:
-        tr = SETTINGS[args.setting](seed)
+        tr = recipes.recipe(args.setting, seed, trajectory=True)
         pb, ds = tr.problem, tr.dataset
         n = int(pb.x.shape[0])
         unread = recipes.unread_test_indices(len(ds.y_test), tr.val_indices)

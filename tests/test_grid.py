@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mini_unlearn_jax.app import recipes
 from mini_unlearn_jax.app.harness import (
     FIDELITY_COLUMNS,
     GridConfig,
@@ -268,6 +269,10 @@ def test_grid_toml_loads():
     cfg = GridConfig.load(ROOT / "experiments" / "grid.toml")
     assert cfg.report == "grid" and cfg.resume and len(cfg.cells()) == 2 * 3 * 8 * 7
     assert np.all([parse_ratio(r)[0] in ("uniform", "class", "seq") for r in cfg.ratios])
+    # recipes' "grid-mlp" (experiments/trajectory_budget.py --setting grid-mlp) is this grid's MLP
+    mlp = next(m for m in cfg.models if m["model"] == "mlp")
+    spec, model, l2, hidden, make_cfg = recipes.RECIPES["grid-mlp"]
+    assert (mlp["data"], mlp["model"], mlp["l2"], mlp["hidden"]) == (spec, model, l2, hidden) and make_cfg is None
 
 
 @pytest.mark.filterwarnings("error::UserWarning")  # its plots once log-scaled an empty panel

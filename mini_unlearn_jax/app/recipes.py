@@ -133,6 +133,9 @@ RECIPES: dict[str, tuple[str, str, float, int, Any]] = {
     "leaky-mlp": ("fashion_mnist:n_train=2000", "mlp", 1e-5, 256, lambda seed: _adam(1600, seed)),
     # the fidelity table's MLP: 10,000 images, the CLI's default MLP recipe (30 epochs)
     "fidelity-mlp": ("fashion_mnist:n_train=10000", "mlp", 1e-4, 256, None),
+    # experiments/grid.toml's shorter MLP (5,000 images, 600 steps; tests/test_grid.py keeps the two in step),
+    # the setting of experiments/trajectory_budget.py --setting grid-mlp
+    "grid-mlp": ("fashion_mnist:n_train=5000", "mlp", 1e-4, 128, None),
     # the main job's logistic regression on all of Fashion-MNIST
     "fashion-logreg": ("fashion_mnist", "logreg", 1e-3, 0, None),
 }
