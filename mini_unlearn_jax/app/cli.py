@@ -158,7 +158,7 @@ def cmd_train(args) -> int:
         f"(K={cfg.snapshots}), curvature stats {meta['curvature_stats_bytes']} B")
     print(f"trained {args.model} on {args.data} (n={ds.n_train}) in {train_s:.1f}s (+{compile_s:.1f}s "
           f"compile): train acc {meta['train_acc']:.4f}, test acc {meta['test_acc']:.4f}"
-          f"{'' if traj_meta is None else f' (the {unread.size} test images outside the held-out split)'}; command "
+          f"{f' (the {unread.size} test images outside the held-out split)' if with_trajectory else ''}; command "
           f"{process_wall_s():.1f}s -> {out}")
     return 0
 
