@@ -44,10 +44,11 @@ def test_five_sequential_requests_match_one_request_and_retraining(tmp_path):
         assert kl < 0.05 * kl_orig, (name, kl, kl_orig)
 
 
-def test_refresh_keeps_one_objective_in_the_buffer():
-    """After a removal every buffer entry holds the remaining-data gradient at its own parameters
-    (models on the pairing path), so secant pairs never mix two objectives; for EKFAC models
-    only the newest entry is retaken."""
+def test_refresh_keeps_nothing_of_the_trained_buffer():
+    """After a removal the buffer holds only entries computed on the remaining data at or around
+    the new model: every written entry holds the remaining-data gradient at its own parameters,
+    none holds parameters of the trained buffer, the EKFAC path keeps only the newest entry and
+    the pairing path (MLP) fills the buffer with probes whose secant pairs are usable."""
     import jax
 
     from mini_unlearn_jax.core import linalg as cv
@@ -70,16 +71,29 @@ def test_refresh_keeps_one_objective_in_the_buffer():
         nxt = M.refresh_for_next_request(problem, new_params, forget).problem
         snaps, old = nxt.snapshots, st.snapshots
         K = snaps.steps.shape[0]
+        written = [k for k in range(K) if int(snaps.steps[k]) >= 0]
+        assert len(written) == int(snaps.count) == (K if name == "mlp" else 1)
         newest = (int(snaps.count) - 1) % K
+        for a, b in zip(jax.tree.leaves(jax.tree.map(lambda a, i=newest: a[i], snaps.params)), jax.tree.leaves(new_params),
+                        strict=True):
+            np.testing.assert_array_equal(a, b)
+        old_rows = np.stack([np.concatenate([np.ravel(a[j]) for a in jax.tree.leaves(old.params)]) for j in range(K)])
         for k in range(K):
             p_k = jax.tree.map(lambda a, k=k: a[k], snaps.params)
+            row = np.concatenate([np.ravel(a) for a in jax.tree.leaves(p_k)])
+            assert not any(np.array_equal(row, o) for o in old_rows), (name, k)
+            if k not in written:
+                assert not np.any(row) and not any(np.any(g[k]) for g in jax.tree.leaves(snaps.grads))
+                continue
             g_k = jax.tree.map(lambda a, k=k: a[k], snaps.grads)
             want = jax.grad(obj.data_loss)(p_k, x[keep], y[keep])
-            if k == newest or name == "mlp":
-                for a, b in zip(jax.tree.leaves(g_k), jax.tree.leaves(want), strict=True):
-                    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-            else:  # logreg: the EKFAC path reads only the newest entry; the others are left as trained
-                for a, b in zip(jax.tree.leaves(g_k), jax.tree.leaves(jax.tree.map(lambda a, k=k: a[k], old.grads)),
-                                strict=True):
-                    np.testing.assert_array_equal(a, b)
+            for a, b in zip(jax.tree.leaves(g_k), jax.tree.leaves(want), strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        if name == "mlp":  # the probes' secant pairs carry curvature (s^T y > 0 for some pair)
+            from mini_unlearn_jax.core.snapshots import ordered
+
+            o = ordered(snaps)
+            flat = lambda t, K=K: jnp.stack([jnp.concatenate([jnp.ravel(a[j]) for a in jax.tree.leaves(t)]) for j in range(K)])
+            _, _, ok = cv.secant_pairs(flat(o.params), flat(o.grads), o.count)
+            assert bool(jnp.any(ok))
         assert (nxt.stats is None) == (name == "mlp")

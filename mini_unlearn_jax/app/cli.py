@@ -337,7 +337,7 @@ def cmd_unlearn(args) -> int:
         # ready the result for the next request: buffer and curvature statistics at the new
         # parameters (one pass over the remaining data; part of what a request costs)
         log("refreshing the snapshot buffer and curvature statistics for the next request ...")
-        nxt = M.refresh_for_next_request(problem, res.params, local)
+        nxt = M.refresh_for_next_request(problem, res.params, local, res.buffers)
         report["refresh_s"], report["refresh_compile_s"] = nxt.time_s, nxt.compile_s
     if args.certify and res.converged:
         from ..core.certificate import certify_removal
@@ -404,7 +404,12 @@ def cmd_unlearn(args) -> int:
                     curvature_stats_bytes=nbytes(nxt.problem.stats) if nxt.problem.stats is not None else 0)
     report["wall_s"] = process_wall_s()  # up to writing the result (measured before the write)
     text = json.dumps(report, indent=2, default=float)
-    ck.save_run(out, params=res.params, opt_state=run.opt_state, snapshots=nxt.problem.snapshots,
+    # the trained run's optimizer state (moments or curvature pairs over the removed examples) is not
+    # carried over: the unlearned run stores the optimizer's initial state at its own parameters
+    from ..core.training import make_optimizer
+
+    ck.save_run(out, params=res.params, opt_state=make_optimizer(run.train_config).init(res.params),
+                snapshots=nxt.problem.snapshots,
                 stats=nxt.problem.stats, removed=removed_all, meta=new_meta, objective=run.objective,
                 trajectory=None if nxt_traj is None else nxt_traj.state, overwrite=args.overwrite,
                 extra_files={"report.json": text})

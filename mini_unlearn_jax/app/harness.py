@@ -599,7 +599,7 @@ class _Cells:
             total, compile_s = total + res.time_s, compile_s + res.compile_s
             if not res.converged:
                 ok, reason = False, res.reason
-            cur = M.after_removal(cur, res.params, local)
+            cur = M.after_removal(cur, res.params, local, res.buffers)
             alive = np.setdiff1d(alive, chunk)
         return M.MethodOutput(cur.params, ok, reason, total, compile_s, {"requests": len(requests)})
 

@@ -34,6 +34,7 @@ from . import trajectory as tj
 from .aot import aot, finite, timed
 from .models import Objective
 from .problem import MethodOutput, Problem, keep_mask
+from .snapshots import log_schedule, snapshot_buffer, trajectory_buffer
 from .training import TrainConfig, Trainer
 
 Params = Any
@@ -220,14 +221,19 @@ def run_retrain(problem: Problem, forget, verbose: bool = False) -> MethodOutput
         ok = finite(out)
         return MethodOutput(out, ok, "converged" if ok else "retraining diverged", time.perf_counter() - t0, 0.0,
                             {"compile_included": True})
-    trainer = Trainer(problem.objective, problem.train_config)
+    cfg = problem.train_config
+    # a run that keeps a trajectory gets the retrained model's own, on the recipe's schedule
+    traj = problem.extras.get("trajectory")
+    buf = None if traj is None else trajectory_buffer(log_schedule(cfg.steps, int(traj.state.steps.shape[0])))
+    trainer = Trainer(problem.objective, cfg, trajectory=buf)
     t0 = time.perf_counter()
     state = trainer.fit(problem.params0, problem.x, problem.y, keep, verbose=verbose, label="retrain")
     jax.block_until_ready(state.params)
     wall = time.perf_counter() - t0
     ok = finite(state.params)
     return MethodOutput(state.params, ok, "converged" if ok else "retraining diverged", wall - trainer.compile_s,
-                        trainer.compile_s, {"steps": int(state.step), "grad_norm": float(state.grad_norm)})
+                        trainer.compile_s, {"steps": int(state.step), "grad_norm": float(state.grad_norm)},
+                        {"trajectory": state.trajectory} if buf is not None and ok else None)
 
 
 # -- Newton-CG ------------------------------------------------------------------------------
@@ -395,44 +401,61 @@ def deltagrad_retrain(problem: Problem, forget, **options) -> MethodOutput:
 # -- sequential requests --------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("objective", "size", "every", "regrad"))
-def _refresh(objective: Objective, size: int, every: int, regrad: bool, snapshots, params, x, y):
-    from .snapshots import snapshot_buffer
+PROBE_SCALE = 1e-2  # probe step of the refreshed buffer, relative to ||w|| / sqrt(dim)
 
-    grad = jax.grad(objective.data_loss)
-    if regrad:
-        # the older entries' gradients are of the full-data objective; secant pairs between them and
-        # the new entry would mix two objectives, so they are retaken on the remaining data (one
-        # pass per entry; the entries' parameters -- the trajectory -- stay as they were)
-        snapshots = snapshots._replace(grads=jax.lax.map(lambda p: grad(p, x, y), snapshots.params))
-    snaps = snapshot_buffer(size, every).update(snapshots, snapshots.steps.max() + 1, params, grad(params, x, y),
-                                                force=True)
-    return snaps, cv.fit_stats(objective, params, x)
+
+@functools.partial(jax.jit, static_argnames=("objective", "size", "every", "probes"))
+def _refresh(objective: Objective, size: int, every: int, probes: bool, params, x, y):
+    """A new snapshot buffer for ``params`` on the remaining data ``(x, y)``; nothing of the old.
+
+    Its newest entry is ``(params, grad G_{D\\R}(params))``. With ``probes`` (models whose solver
+    pairs entries, L-BFGS) the ``size - 1`` older slots hold probes along a seeded random path
+    into ``params``, ``w_j = params - h (d_{j+1} + ... + d_{size-1})`` with ``d ~ N(0, I)`` and
+    ``h = PROBE_SCALE ||params|| / sqrt(dim)``, each with its remaining-data gradient (one pass
+    each): their secant pairs sample the remaining-data curvature at the new model. Without
+    (the EKFAC path reads only the newest entry) the older slots stay empty."""
+    grad = lambda p: jax.grad(objective.data_loss)(p, x, y)
+    buf = snapshot_buffer(size, every)
+    state = buf.init(params)
+    if probes and size > 1:
+        w, unravel = ravel_pytree(params)
+        h = PROBE_SCALE * jnp.maximum(jnp.linalg.norm(w), 1.0) / jnp.sqrt(w.size)
+        d = h * jax.random.normal(jax.random.key(0), (size - 1, w.size), w.dtype)
+        tail = jnp.cumsum(d[::-1], axis=0)[::-1]  # row j: d_{j+1} + ... + d_{size-1}
+        for j in range(size - 1):
+            p_j = unravel(w - tail[j])
+            state = buf.update(state, j * every, p_j, grad(p_j), force=True)
+    return buf.update(state, (size - 1) * every, params, grad(params), force=True), cv.fit_stats(objective, params, x)
 
 
 class Refresh(NamedTuple):
     """What :func:`refresh_for_next_request` returns: the next problem and what it cost."""
 
     problem: Problem
-    time_s: float  # one pass over the remaining data (gradient + curvature statistics), compiled
-    compile_s: float  # compiling that pass (0 when this shape was compiled before in the process)
+    time_s: float  # the passes over the remaining data (buffer, statistics, trajectory profile), compiled
+    compile_s: float  # compiling them (0 when these shapes were compiled before in the process)
 
 
-def refresh_for_next_request(problem: Problem, params, forget) -> Refresh:
+def refresh_for_next_request(problem: Problem, params, forget, buffers: dict | None = None) -> Refresh:
     """:func:`after_removal`, with its run time and compile time measured apart."""
     n = int(problem.x.shape[0])
     alive = np.flatnonzero(keep_mask(n, ul.validate_indices(forget, n)))
     x, y = problem.x[alive], problem.y[alive]
     cfg = problem.train_config
-    # models solved on the EKFAC path read only the newest entry; the others pair entries (L-BFGS)
-    regrad = problem.stats is None
-    dyn = (problem.snapshots, params, x, y)
-    compiled, c = aot(_refresh, (problem.objective, cfg.snapshots, cfg.snapshot_every, regrad), dyn)
-    (snaps, stats), t = timed(compiled, *dyn)
+    snaps, stats, t, c = None, None, 0.0, 0.0
+    if problem.snapshots is not None:
+        size, every = int(problem.snapshots.steps.shape[0]), (cfg.snapshot_every if problem.recipe else 1)
+        dyn = (params, x, y)
+        compiled, c = aot(_refresh, (problem.objective, size, every, problem.stats is None), dyn)
+        (snaps, stats), t = timed(compiled, *dyn)
+    elif problem.stats is not None:
+        stats = cv.fit_stats(problem.objective, params, x)
     extras = dict(problem.extras)
-    if "trajectory" in extras:  # its last slot becomes the new model; the profile is retaken on the remaining data
+    if "trajectory" in extras:
         data = extras["trajectory"]
-        dyn_t = (data.state, params, x, y, data.x_val, data.y_val)
+        rebuilt = (buffers or {}).get("trajectory")
+        state = rebuilt if rebuilt is not None else tj.initial_only(data.state)
+        dyn_t = (state, params, x, y, data.x_val, data.y_val)
         compiled_t, c_t = aot(tj.refresh_program, (problem.objective,), dyn_t)
         (state, profile), t_t = timed(compiled_t, *dyn_t)
         extras["trajectory"] = data._replace(state=state, profile=profile)
@@ -441,14 +464,16 @@ def refresh_for_next_request(problem: Problem, params, forget) -> Refresh:
                    t, c)
 
 
-def after_removal(problem: Problem, params, forget) -> Problem:
-    """The problem for the next deletion request: the remaining data, ``params`` as the new
-    trained model, its snapshot buffer refreshed with ``(params, grad G_{D\\R}(params))`` and its
-    curvature statistics refitted on the remaining data (one pass over the remaining data; the
-    CLI reports its time as ``refresh_s`` and counts it in ``time_ratio``). Without EKFAC
-    statistics (models whose solver pairs buffer entries) the older entries' gradients are
-    retaken on the remaining data too, so every entry belongs to one objective (one pass each)."""
-    return refresh_for_next_request(problem, params, forget).problem
+def after_removal(problem: Problem, params, forget, buffers: dict | None = None) -> Problem:
+    """The problem for the next deletion request, holding nothing computed over the removed
+    examples: the remaining data, ``params`` as the new trained model, a new snapshot buffer
+    built at ``params`` on the remaining data (:func:`_refresh`: its newest entry, plus, for
+    models whose solver pairs entries, probes around it), curvature statistics refitted there,
+    and, for a run that keeps a trajectory, the trajectory the method rebuilt (``buffers``, from
+    :class:`MethodOutput`) or, if it rebuilt none, only the initialisation
+    (:func:`~mini_unlearn_jax.core.trajectory.initial_only`), with its profile on the remaining
+    data. The CLI reports the time of these passes as ``refresh_s`` and counts it in ``time_ratio``."""
+    return refresh_for_next_request(problem, params, forget, buffers).problem
 
 
 # -- the built-in methods -------------------------------------------------------------------

@@ -60,7 +60,11 @@ class MethodOutput(NamedTuple):
     """A method's result: parameters, whether they are to be trusted, why, and what it cost.
 
     ``time_s`` excludes compilation (``compile_s``); ``converged`` False means ``params`` is the
-    input model (or the method's own starting model), never a diverged one."""
+    input model (or the method's own starting model), never a diverged one. ``buffers``: the
+    training-time state the method rebuilt for the unlearned model, by name (``"trajectory"``: the
+    :class:`~mini_unlearn_jax.core.snapshots.TrajectoryState` of trajectory unlearning or of
+    retraining), which :func:`~mini_unlearn_jax.core.methods.refresh_for_next_request` stores in
+    place of the trained model's; None when it rebuilt none."""
 
     params: Params
     converged: bool
@@ -68,6 +72,7 @@ class MethodOutput(NamedTuple):
     time_s: float
     compile_s: float
     info: dict
+    buffers: dict | None = None
 
 
 def keep_mask(n: int, forget) -> np.ndarray:

@@ -34,6 +34,14 @@ that trajectory in a compact buffer and unlearns by going back along it:
    It never reads the retrained model. It reads the buffer, the original parameters, the
    training set with the removal mask, and a labelled held-out set (for the gap and the
    calibration target).
+
+   *What the unlearned model keeps*: its own trajectory (:class:`TrajectoryResult`
+   ``trajectory``): the snapshots up to the rewind point, which fit the removed examples no
+   better than unseen data, and, in every later slot, the retraining phase at the same relative
+   place (:func:`phase_schedule`), the last slot the result. No parameter of the original
+   trajectory after the rewind point survives, so the next request rewinds along a trajectory
+   that never saw the removed examples after it. A method that rebuilds no trajectory leaves
+   only the initialisation (:func:`initial_only`).
 3. **Baselines** in the same form (for experiments/trajectory.py): the compute-matched
    :func:`run_from_init` (the recipe from the initialisation on the remaining data for a given
    number of steps), :func:`run_finetune` (the recipe from ``w*``), :func:`run_scrub` (Kurmanji et
@@ -240,20 +248,70 @@ def keep_batches(key: jax.Array, keep: jax.Array, steps: int, batch_size: int) -
 
 
 def adam_phase(objective: Objective, params: Params, x, y, keep, key, *, steps: int, batch_size: int,
-               learning_rate, loss_fn=None) -> Params:
+               learning_rate, loss_fn=None, record: tuple[TrajectoryState, jax.Array] | None = None):
     """``steps`` Adam steps on mini-batches of the kept rows (``learning_rate``: a float or an optax
-    schedule); ``loss_fn(params, xb, yb)`` defaults to the objective's batch loss + penalty."""
+    schedule); ``loss_fn(params, xb, yb)`` defaults to the objective's batch loss + penalty.
+
+    ``record = (state, write_at)``: also write the parameters after phase step ``t`` (1-based) into
+    slot ``i`` of the trajectory buffer ``state`` where ``write_at[i] == t`` (0: never). Returns the
+    parameters, or ``(parameters, state)`` with ``record``."""
     opt = optax.adam(learning_rate)
     loss_fn = loss_fn or (lambda p, xb, yb: objective.data_loss(p, xb, yb) + objective.penalty(p))
     idx = keep_batches(key, keep, steps, batch_size)
+    trace, write_at = record if record is not None else (None, None)
 
-    def body(c, bi):
-        p, s = c
+    def body(c, ti):
+        p, s, tr = c
+        t, bi = ti
         u, s = opt.update(jax.grad(loss_fn)(p, x[bi], y[bi]), s, p)
-        return (optax.apply_updates(p, u), s), None
+        p = optax.apply_updates(p, u)
+        if tr is not None:
+            hit = write_at == t + 1
+            tr = jax.lax.cond(jnp.any(hit), lambda tr: put_slot(tr, jnp.argmax(hit), p), lambda tr: tr, tr)
+        return (p, s, tr), None
 
-    (p, _), _ = jax.lax.scan(body, (params, opt.init(params)), idx)
-    return p
+    (p, _, trace), _ = jax.lax.scan(body, (params, opt.init(params), trace), (jnp.arange(steps), idx))
+    return p if record is None else (p, trace)
+
+
+def put_slot(state: TrajectoryState, i, params: Params) -> TrajectoryState:
+    """``state`` with slot ``i``'s parameters replaced by ``params`` (its step label unchanged)."""
+    return state._replace(params=jax.tree.map(lambda b, v: b.at[i].set(v.astype(b.dtype)), state.params, params))
+
+
+def phase_schedule(steps: jax.Array, k, phase_len: int) -> jax.Array:
+    """``[K]``: the retraining phase step (1-based) at which slot ``j > k`` of the unlearned run's
+    trajectory is written, 0 for the slots ``j <= k`` kept from the original.
+
+    Slot ``j`` takes the place in the phase that its step held in the original stretch from the
+    rewind point on: ``round((s_j - s_k) / (s_{K-1} - s_k) * phase_len)``, at least 1, made strictly
+    increasing (``cummax(p_j - j) + j``) and at most ``phase_len - (K-1-j)``, so the last slot is
+    the phase's last step. With fewer phase steps than slots to fill, the earliest of them get
+    positions ``<= 0`` and are never written (they keep the rewind snapshot)."""
+    K = steps.shape[0]
+    j = jnp.arange(K)
+    sk = steps[k]
+    frac = (steps - sk) / jnp.maximum(steps[K - 1] - sk, 1)
+    p = jnp.maximum(jnp.round(frac * phase_len).astype(jnp.int32), 1)
+    after = j > k
+    q = jax.lax.cummax(jnp.where(after, p - j, jnp.iinfo(jnp.int32).min // 2)) + j
+    return jnp.where(after, jnp.minimum(q, phase_len - (K - 1 - j)), 0)
+
+
+def rewound_trajectory(traj: TrajectoryState, k, start: Params, write_at: jax.Array) -> TrajectoryState:
+    """The trajectory the retraining phase fills: slots ``<= k`` as they were, every later slot
+    reset to the rewind snapshot ``start`` (no parameter of the original trajectory after the rewind
+    point survives, even in a slot the phase never reaches) with step label ``s_k + write_at``,
+    and a zero optimizer state there (the phase's Adam state is not the recipe's)."""
+    after = jnp.arange(traj.steps.shape[0]) > k
+
+    def reset(buf, v):
+        m = after.reshape((-1,) + (1,) * (buf.ndim - 1))
+        return jnp.where(m, jnp.broadcast_to(jnp.asarray(v, buf.dtype), buf.shape), buf)
+
+    zero = lambda buf: jnp.where(after.reshape((-1,) + (1,) * (buf.ndim - 1)), jnp.zeros_like(buf), buf)
+    steps = jnp.where(after, traj.steps[k] + jnp.maximum(write_at, 0), traj.steps)
+    return TrajectoryState(steps, jax.tree.map(reset, traj.params, start), jax.tree.map(zero, traj.opt_state))
 
 
 # =============================================================================
@@ -311,7 +369,9 @@ class TrajectoryResult(NamedTuple):
     """``params``; the snapshot it restarted from (``rewind_index``, ``rewind_step``); the
     memorisation gap of every snapshot (``gaps [K]``); the temperature ``tau`` (1 when not
     calibrated); ``steps`` of retraining; ``finite``: whether the result is finite; ``gap_se [K]``:
-    the held-out standard error of the gaps (:func:`heldout_se`)."""
+    the held-out standard error of the gaps (:func:`heldout_se`); ``trajectory``: the unlearned
+    model's own trajectory buffer (slots up to the rewind point kept, the later ones written along
+    the retraining phase on the same schedule, the last one ``params``: :func:`phase_schedule`)."""
 
     params: Params
     rewind_index: jax.Array
@@ -321,6 +381,7 @@ class TrajectoryResult(NamedTuple):
     steps: int
     finite: jax.Array
     gap_se: jax.Array
+    trajectory: TrajectoryState
 
 
 def phase_steps(cfg: TrainConfig, config: TrajectoryConfig) -> int:
@@ -354,14 +415,17 @@ def trajectory_unlearn(objective: Objective, cfg: TrainConfig, config: Trajector
     start = snapshot(traj, k)
     steps = phase_steps(cfg, config)
     lr = optax.cosine_onecycle_schedule(steps, config.peak_lr_scale * cfg.learning_rate)
-    out = adam_phase(objective, start, x, y, keep, jax.random.key(config.seed), steps=steps,
-                     batch_size=cfg.batch_size, learning_rate=lr)
+    write_at = phase_schedule(traj.steps, k, steps)
+    record = (rewound_trajectory(traj, k, start, write_at), write_at)
+    out, trace = adam_phase(objective, start, x, y, keep, jax.random.key(config.seed), steps=steps,
+                            batch_size=cfg.batch_size, learning_rate=lr, record=record)
     tau = jnp.ones((), jnp.float32)
     if config.calibrate:
         out, tau = calibrate(objective, out, params, x_val, y_val, config.head)
+    trace = put_slot(trace, traj.steps.shape[0] - 1, out)
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(out)]))
     gse = heldout_se(objective, traj.params, x_val, y_val)
-    return TrajectoryResult(out, k, traj.steps[k], gaps, tau, steps, finite, gse)
+    return TrajectoryResult(out, k, traj.steps[k], gaps, tau, steps, finite, gse, trace)
 
 
 def forget_sample(forget, n: int, max_eval: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -412,7 +476,8 @@ def run_trajectory(problem, forget, *, trajectory: TrajectoryState, x_val, y_val
               f"standard error {info['gap_se'][k]:.3f}, threshold {config.threshold:g}), retrained {res.steps} "
               f"steps, tau {info['tau']:.3g}"
               if ok else "the retraining phase produced NaN/inf; the original parameters are returned")
-    return MethodOutput(res.params if ok else problem.params, ok, reason, t, c, info)
+    return MethodOutput(res.params if ok else problem.params, ok, reason, t, c, info,
+                        {"trajectory": res.trajectory} if ok else None)
 
 
 @functools.partial(jax.jit, static_argnames=("objective", "steps", "batch_size", "lr"))
@@ -579,19 +644,23 @@ def run_from_problem(problem, forget, **options) -> MethodOutput:
     return out._replace(info={**out.info, "solver": "trajectory"})
 
 
+def initial_only(state: TrajectoryState) -> TrajectoryState:
+    """The trajectory an unlearned model keeps when its method rebuilt none (fine-tuning, gradient
+    ascent, the fixed point, ...): the initialisation (slot 0, step 0) and nothing of the trained
+    trajectory after it -- every other slot is emptied (step -1, zeros) and the last one is set
+    to the new model by :func:`refresh_program`. The next request then rewinds to the
+    initialisation."""
+    K = state.steps.shape[0]
+    later = (jnp.arange(K) > 0).astype(bool)
+    empty = lambda buf: jnp.where(later.reshape((-1,) + (1,) * (buf.ndim - 1)), jnp.zeros_like(buf), buf)
+    steps = jnp.where(later, -1, state.steps).at[K - 1].set(state.steps[K - 1])
+    return TrajectoryState(steps, jax.tree.map(empty, state.params), jax.tree.map(empty, state.opt_state))
+
+
 @functools.partial(jax.jit, static_argnames=("objective",))
 def refresh_program(objective: Objective, state: TrajectoryState, params, x, y, x_val, y_val):
-    """The jitted pass behind :func:`refresh_trajectory`: ``(state, profile)`` for the next request."""
-    last = state.steps.shape[0] - 1
-    put = lambda buf, v: buf.at[last].set(v.astype(buf.dtype))
-    state = state._replace(params=jax.tree.map(put, state.params, params))
+    """The unlearned model's trajectory for the next request: ``state`` (the one its method
+    rebuilt, or :func:`initial_only`) with the last slot set to ``params``, and its
+    :func:`memorisation_profile` on the remaining data ``(x, y)`` -- one forward pass per snapshot."""
+    state = put_slot(state, state.steps.shape[0] - 1, params)
     return state, memorisation_profile(objective, state, x, y, x_val, y_val)
-
-
-def refresh_trajectory(objective: Objective, data: TrajectoryData, params, x, y) -> TrajectoryData:
-    """The trajectory for the next request, after unlearning to ``params`` on the remaining
-    ``(x, y)``: the last slot (the calibration target's model) becomes ``params``; the earlier
-    snapshots stay, and the profile is recomputed on the remaining data, so the rewind rule keeps
-    judging them by how well they fit data unseen versus seen."""
-    state, profile = refresh_program(objective, data.state, params, jnp.asarray(x), jnp.asarray(y), data.x_val, data.y_val)
-    return data._replace(state=state, profile=profile)
