@@ -54,12 +54,20 @@ from ..core import linalg as cv
 from ..core.models import Objective, build_model, init_params, make_objective
 from ..core.snapshots import snapshot_buffer
 from ..core.training import TrainConfig, make_optimizer
+from .markers import (  # noqa: F401  (re-exported: ck.read_marker, ck.MARKER_NAME, ck.CheckpointError, ...)
+    MARKER_FORMAT,
+    MARKER_NAME,
+    TOOL,
+    CheckpointError,
+    _describe,
+    _foreign_entries,
+    _walk_entries,
+    _write_marker,
+    read_marker,
+)
+from .tombstone import RETIRED_KIND, retired_error
 
 FORMAT_VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    """A run directory that is missing, incomplete or corrupted; the message says what to do."""
 
 
 BUILTIN_MODELS = ("logreg", "mlp")
@@ -164,65 +172,26 @@ def is_run(path: str | os.PathLike) -> bool:
     return (Path(path) / "run.json").exists() and (Path(path) / "ckpt").exists()
 
 
-# -- output safety: markers, checks, atomic writers -------------------------------------------
+# -- output safety: checks, atomic writers ---------------------------------------------------
 #
 # Rule: never delete or replace anything this tool did not write. Every directory the tool
-# writes carries MARKER_NAME, a JSON file naming the tool, the kind of output and every entry
-# the tool wrote there; --overwrite replaces only a directory whose marker says it is a
-# replaceable result and that holds nothing else.
+# writes carries MARKER_NAME (markers.py), a JSON file naming the tool, the kind of output and
+# every entry the tool wrote there; --overwrite replaces only a directory whose marker says it
+# is a replaceable result and that holds nothing else.
 
-MARKER_NAME = ".mini-unlearn"
-MARKER_FORMAT = 1
-TOOL = "mini-unlearn"
 # kinds of output that `unlearn --overwrite` may replace; a trained run never is, nor an attack report
 REPLACEABLE_KINDS = ("unlearned", "unlearn-report")
+# never overwritten: a trained run, and a retired run (its deletion ledger and tombstone, see retire.py)
+NEVER_REPLACED_KINDS = ("trained", RETIRED_KIND)
 _KIND_WORDS = {"trained": "a trained run", "unlearned": "an unlearned result",
                "unlearn-report": "an unlearning report (a method that did not converge)",
-               "attack": "a membership-inference attack report"}
+               "attack": "a membership-inference attack report",
+               "retired": "a retired run (its deletion ledger and tombstone)"}
 PROBS_MARKER_KEY = "_mini_unlearn"  # the key that marks an --export-probs .npz as written by this tool
 
 
 class OutputExistsError(FileExistsError):
     """An output path that must not be written or replaced; the message says what is there and what to do."""
-
-
-def _describe(names: list[str], limit: int = 5) -> str:
-    shown = ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
-    return shown
-
-
-def _walk_entries(path: Path) -> list[str]:
-    """Every file and directory below ``path`` (relative, '/'-separated), links not followed, marker excluded."""
-    out = []
-    for root, dirs, files in os.walk(path, followlinks=False):
-        rel = Path(root).relative_to(path)
-        out.extend((rel / n).as_posix() for n in dirs + files)
-    return sorted(e for e in out if e != MARKER_NAME)
-
-
-def read_marker(path: str | os.PathLike) -> dict | None:
-    """The marker of a directory this tool wrote, or None (absent, unreadable or someone else's)."""
-    try:
-        marker = json.loads((Path(path) / MARKER_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(marker, dict) or marker.get("tool") != TOOL or not isinstance(marker.get("kind"), str) \
-            or not isinstance(marker.get("entries"), list):
-        return None
-    return marker
-
-
-def _write_marker(tmp: Path, kind: str) -> None:
-    marker = {"tool": TOOL, "kind": kind, "format_version": MARKER_FORMAT, "entries": _walk_entries(tmp)}
-    (tmp / MARKER_NAME).write_text(json.dumps(marker, indent=1) + "\n")
-
-
-def _foreign_entries(path: Path, marker: dict) -> list[str]:
-    """Entries under ``path`` that the marker does not list (outermost only: 'code', not 'code/x.py')."""
-    known = set(marker.get("entries", []))
-    foreign = [e for e in _walk_entries(path) if e not in known]
-    fset = set(foreign)
-    return [e for e in foreign if not any(p.as_posix() in fset for p in Path(e).parents if p != Path("."))]
 
 
 def _check_replaceable(path: Path, overwrite: bool | None, names: list[str]) -> None:
@@ -245,8 +214,8 @@ def _check_replaceable(path: Path, overwrite: bool | None, names: list[str]) -> 
                                 f"written by mini-unlearn; it is never replaced -- {new_out}")
     kind = marker["kind"]
     what = _KIND_WORDS.get(kind, f"a mini-unlearn {kind!r} output")
-    if kind == "trained":
-        raise OutputExistsError(f"{path} holds a trained run, which is never overwritten; {new_out}")
+    if kind in NEVER_REPLACED_KINDS:
+        raise OutputExistsError(f"{path} holds {what}, which is never overwritten; {new_out}")
     if marker.get("format_version") != MARKER_FORMAT:
         raise OutputExistsError(f"{path} holds {what} written by another version of mini-unlearn (marker format "
                                 f"{marker.get('format_version')!r}); it is not replaced -- {new_out}")
@@ -624,6 +593,9 @@ def read_meta(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist: give the --out directory of a `mini-unlearn train` (or unlearn) run")
+    marker = read_marker(path)
+    if marker is not None and marker["kind"] == RETIRED_KIND:  # its model is deleted: say so, and by whom replaced
+        raise retired_error(path)  # (after finishing a deletion an interrupted retire left pending)
     if not is_run(path):
         raise CheckpointError(f"{path} is not a run directory (no run.json/ckpt); it may be incomplete -- retrain into a new directory")
     try:

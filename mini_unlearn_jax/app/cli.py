@@ -1,16 +1,21 @@
-"""The ``mini-unlearn`` command line: train, unlearn, info.
+"""The ``mini-unlearn`` command line: train, unlearn, info, attack, audit.
 
     mini-unlearn train --data SPEC --model {logreg,mlp} [--l2 FLOAT] [--penalize-bias] [--hidden INT] [--seed INT]
                        [--heldout N] --out RUN_DIR
     mini-unlearn unlearn --run RUN_DIR [--method mini] (--ratio FLOAT | --forget FILE) [--seed INT] [--budget F]
                          [--compare-retrain] [--mia] [--certify] --out OUT_DIR [--export-probs FILE.npz]
-                         [--overwrite] [--json]
+                         [--overwrite] [--json] [--retire-source]
     mini-unlearn info RUN_DIR [--indices]
+    mini-unlearn retire RUN_DIR --successor OUT_DIR [--reason TEXT]   (delete RUN_DIR's model, keep its ledger)
     mini-unlearn attack --run RUN_DIR --unlearned OUT_DIR --out ATTACK_DIR   (full MIA suite incl. LiRA)
+    mini-unlearn audit RUN_DIR --forget FILE [--tolerance 0.03] [--json]    (writes nothing)
 
-Exit codes: 0 success, 1 bad input (message on stderr, nothing written), 2 the method did not
-converge (report.json says why; no model is saved), 130 interrupted (nothing written).
-Each command prints one summary line on stdout; progress goes to stderr. report.json's fields
+Exit codes: 0 success, 1 bad input or a refused retire (message on stderr, nothing written or
+deleted; after `unlearn --retire-source` the message says the result was written), 2 the method did not
+converge (report.json says why; no model is saved), 3 audit FAIL (a stored artefact of the run
+remembers the forget set better than its model does), 130 interrupted (nothing written).
+Each command prints one summary line on stdout (audit: a table of its rows, then the verdict
+line); progress goes to stderr. report.json's fields
 are documented in the README ("What report.json holds").
 """
 
@@ -29,7 +34,7 @@ import numpy as np
 
 from .runtime import process_wall_s
 
-EXIT_BAD_INPUT, EXIT_NOT_CONVERGED, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_BAD_INPUT, EXIT_NOT_CONVERGED, EXIT_AUDIT_FAIL, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
 
@@ -290,6 +295,10 @@ def cmd_unlearn(args) -> int:
     if probs_file is not None:
         ck.check_output_file(probs_file, overwrite=args.overwrite)
     meta0 = ck.read_meta(run_dir)  # a missing or foreign run directory fails here, before anything heavy
+    if args.retire_source:  # a run that retire would refuse is refused now, before any work
+        from .retire import check_retirable
+
+        check_retirable(run_dir)
     if args.budget is not None and not meta0.get("trajectory"):
         raise UsageError("--budget sets trajectory unlearning's retraining budget, and this run keeps no "
                          "trajectory buffer (only `train --model mlp` with a mini-batch optimizer does), so "
@@ -389,6 +398,8 @@ def cmd_unlearn(args) -> int:
         text = json.dumps(report, indent=2, default=float)
         ck.write_files_atomic(out, {"report.json": text}, overwrite=args.overwrite)
         log(f"NOT CONVERGED: {res.reason}. report.json written to {out}; no model was saved.")
+        if args.retire_source:
+            log(f"--retire-source: {run_dir} was not retired (there is no unlearned result to replace it)")
         print(summary_line(report, out) if not args.json else text)
         return EXIT_NOT_CONVERGED
     removed_all = np.concatenate([run.removed, forget]).astype(np.int32)
@@ -415,7 +426,16 @@ def cmd_unlearn(args) -> int:
                 extra_files={"report.json": text})
     if probs_file is not None:
         ck.write_npz_atomic(probs_file, {"test": p_test.astype(np.float32), "forget": p_forget.astype(np.float32),
-                                         "forget_indices": forget}, overwrite=args.overwrite)
+                                         "forget_indices": forget, "test_indices": unread},
+                            overwrite=args.overwrite)
+    if args.retire_source:  # only now that the successor is complete (retire_run loads and checks it again)
+        from .retire import retire_run
+
+        try:
+            retire_run(run_dir, out, reason=f"unlearn --retire-source: {args.method} removed {forget.size} examples")
+        except ck.CheckpointError as e:
+            raise ck.CheckpointError(f"the result was written to {out}, but --run was not retired: {e}") from e
+        log(f"retired {run_dir}: its parameters, buffers and statistics are deleted, its ledger is kept")
     print(summary_line(report, out) if not args.json else text)
     return 0
 
@@ -598,8 +618,14 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 def cmd_info(args) -> int:
     from . import checkpoint as ck
+    from .retire import RetiredRunError
 
-    meta = ck.read_meta(args.run)
+    try:
+        meta, tomb = ck.read_meta(args.run), None
+    except RetiredRunError as e:  # a retired run: its ledger and tombstone remain, and are shown
+        meta, tomb = e.meta, e.tombstone
+        if e.note:
+            log(f"note: {e.note}")
     keys = ["kind", "model", "hidden", "l2", "data_spec", "data_fingerprint", "n_train_original", "n_train",
             "steps_run", "final_grad_norm", "train_acc", "test_acc", "n_test", "param_count", "snapshot_buffer_bytes",
             "curvature_stats_bytes"]
@@ -613,9 +639,62 @@ def cmd_info(args) -> int:
     for i, e in enumerate(ledger):
         print(f"  #{i + 1} {e['date']}  {e['method']:10s} removed {e['n_removed']:7d}  {e['time_s']:.3f}s  "
               f"data {e['data_fingerprint'][:12]}")
+    if tomb is not None:
+        print(f"retired                  {tomb.get('retired_at')} ({tomb.get('reason')}); successor "
+              f"{tomb.get('successor')}; was {tomb.get('kind_before')}, {len(tomb.get('deleted', []))} entries deleted")
     if args.indices:
-        run = ck.load_run(args.run)
-        print(json.dumps(run.removed.tolist()))
+        removed = np.load(Path(args.run) / "removed.npy") if tomb is not None else ck.load_run(args.run).removed
+        print(json.dumps(removed.tolist()))
+    return 0
+
+
+# -- audit ----------------------------------------------------------------------------------
+
+
+def cmd_audit(args) -> int:
+    """``mini-unlearn audit``: loss-attack every stored parameter set of a run (app/audit.py);
+    returns 0 on PASS, EXIT_AUDIT_FAIL on FAIL. Writes nothing."""
+    from . import checkpoint as ck
+    from .audit import audit_run, check_forget_indices, format_report
+
+    if not (np.isfinite(args.tolerance) and args.tolerance >= 0):
+        raise UsageError(f"--tolerance must be a finite number >= 0, got {args.tolerance}")
+    indices = read_forget_file(Path(args.forget))
+    meta = ck.read_meta(args.run)  # a missing or foreign run directory fails here, before anything heavy
+    try:
+        check_forget_indices(indices, int(meta.get("n_train_original") or meta.get("n_train") or 0))
+    except ValueError as e:
+        raise UsageError(f"--forget {args.forget}: {e}") from e
+    report = audit_run(args.run, indices, tolerance=args.tolerance)
+    for note in report.notes:
+        log(f"note: {note}")
+    print(json.dumps(report.to_dict(), indent=2, default=float) if args.json else format_report(report))
+    return 0 if report.passed else EXIT_AUDIT_FAIL
+
+
+# -- retire ---------------------------------------------------------------------------------
+
+
+def cmd_retire(args) -> int:
+    """``mini-unlearn retire``: delete a run's model now that its unlearned successor exists,
+    keeping its ledger and a tombstone (app/retire.py: checked first, one atomic step, crash-safe).
+    A run already retired is only reported (and a deletion an interruption left is finished)."""
+    from .retire import finish_retire, read_retired, retire_run
+
+    run, successor = Path(args.run).absolute(), Path(args.successor).absolute()
+    retired = read_retired(run)
+    if retired is not None:
+        tomb = retired[1]
+        note = finish_retire(run)
+        if note:
+            log(f"note: {note}")
+        other = "" if tomb.get("successor") == str(successor) else f" (not {successor}, as given)"
+        print(f"{run} was already retired on {tomb.get('retired_at')} ({tomb.get('reason')}); its successor is "
+              f"{tomb.get('successor')}{other}. Nothing to do.")
+        return 0
+    retire_run(run, successor, reason=args.reason)
+    print(f"retired {run}: its parameters, buffers and statistics are deleted; its ledger, removed.npy and "
+          f"tombstone.json remain; successor {successor}")
     return 0
 
 
@@ -633,7 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mini-unlearn", description="Train, unlearn and evaluate (Mini-Unlearning in JAX).",
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=_Formatter)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{train,unlearn,info,attack}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{train,unlearn,info,attack,audit,retire}")
     t = sub.add_parser("train", help="train a model and save a run directory", formatter_class=_Formatter)
     t.add_argument("--data", required=True, help="fashion_mnist[:n_train=N,n_test=M] | mnist5k | digits | breast_cancer "
                    "| covtype | npz:PATH | synthetic[:n=,n_test=,d=,classes=,seed=,sep=] | tfds:NAME[:TRAIN;TEST]")
@@ -669,7 +748,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--compare-retrain", action="store_true",
                    help="also retrain on the remaining data and report fidelity and time ratios against it")
     u.add_argument("--out", required=True, help="new (or empty) directory for the result")
-    u.add_argument("--export-probs", metavar="FILE.npz", help="also write test and forget-set probabilities here")
+    u.add_argument("--export-probs", metavar="FILE.npz",
+                   help="also write the unlearned model's probabilities here: 'test' (rows: the test images "
+                        "'test_indices', those the method never read) and 'forget' (rows: the training images "
+                        "'forget_indices')")
     u.add_argument("--overwrite", action="store_true",
                    help="replace --out (and --export-probs) if it holds an earlier result of mini-unlearn and "
                         "nothing else; anything else is never replaced")
@@ -680,10 +762,37 @@ def build_parser() -> argparse.ArgumentParser:
                         "retrained optimum where the objective is strongly convex in every parameter "
                         "(train --penalize-bias), else an estimate; its time counts in time_ratio")
     u.add_argument("--json", action="store_true", help="print the whole report.json instead of one summary line")
+    u.add_argument("--retire-source", action="store_true",
+                   help="once the result is written and checked, retire --run (see `retire`): its parameters, "
+                        "buffers and statistics are deleted, its ledger kept. Nothing is retired when the method "
+                        "does not converge")
     add_attack_parser(sub)
     i = sub.add_parser("info", help="print a run's metadata and deletion ledger", formatter_class=_Formatter)
     i.add_argument("run", help="run directory")
     i.add_argument("--indices", action="store_true", help="also print the removed indices")
+    r = sub.add_parser("retire", help="delete a run's model once its unlearned successor exists; keep its ledger",
+                       description="Check that --successor is a complete unlearned run derived from RUN_DIR, then "
+                                   "replace RUN_DIR in one atomic step by its deletion ledger (run.json, "
+                                   "removed.npy) and a tombstone.json: its parameters, snapshot buffer, optimizer "
+                                   "state and statistics are deleted. Refused, with nothing changed, for anything "
+                                   "mini-unlearn did not write. Retiring a retired run again does nothing.",
+                       formatter_class=_Formatter)
+    r.add_argument("run", metavar="RUN_DIR", help="run directory to retire (from `train` or `unlearn`)")
+    r.add_argument("--successor", required=True, metavar="OUT_DIR", help="the unlearned run that replaces it (the --out of "
+                   "`unlearn --run RUN_DIR`)")
+    r.add_argument("--reason", default="superseded by its unlearned successor", help="recorded in the tombstone")
+    d = sub.add_parser("audit", help="check that no stored artefact of a run remembers removed examples",
+                       description="Loss-threshold membership attack (AUC of -loss; members the --forget "
+                                   "examples, non-members the test images unlearning never read) on every "
+                                   "parameter set the run stores: the model, each trajectory and snapshot "
+                                   "slot, params0. FAIL (exit 3) when one's AUC exceeds the model's by more "
+                                   "than --tolerance. Writes nothing.", formatter_class=_Formatter)
+    d.add_argument("run", help="run directory (from `train` or `unlearn`)")
+    d.add_argument("--forget", required=True,
+                   help="file of original training indices: .npy integer array, or text with one per line")
+    d.add_argument("--tolerance", type=float, default=0.03,
+                   help="how far a stored artefact's AUC may exceed the model's before the verdict is FAIL")
+    d.add_argument("--json", action="store_true", help="print the whole report as JSON instead of the table")
     return p
 
 
@@ -700,7 +809,8 @@ def main(argv=None) -> int:
             if args.cmd in ("train", "unlearn", "attack"):
                 cache = enable_compilation_cache()
                 args.compile_cache_dir = str(cache) if cache is not None else None
-            cmd = {"train": cmd_train, "unlearn": cmd_unlearn, "info": cmd_info, "attack": cmd_attack}[args.cmd]
+            cmd = {"train": cmd_train, "unlearn": cmd_unlearn, "info": cmd_info, "retire": cmd_retire, "attack": cmd_attack,
+                   "audit": cmd_audit}[args.cmd]
             return cmd(args)
     except (UsageError, DataError, CheckpointError, FileExistsError, ValueError) as e:
         print(f"mini-unlearn {args.cmd}: error: {e}", file=sys.stderr)
