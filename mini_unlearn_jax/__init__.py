@@ -1,70 +1,71 @@
-"""mini-unlearn-jax: machine unlearning with minimal gradient snapshots, in JAX.
+"""mini-unlearn-jax: remove training examples from a trained JAX model far faster than retraining.
 
-The functional API: build an :class:`Objective` (``make_objective``), train with :class:`Trainer`
-(which threads a :class:`SnapshotState` buffer through the loop), save curvature statistics
-with :func:`fit_stats`, and remove examples with :func:`unlearn` / :func:`unlearn_many`.
-
-Layout: ``core`` (pure JAX: models, snapshots, training, linalg, the solvers and the method
-registry), ``evaluation`` (metrics, attacks, privacy) and ``app`` (CLI, checkpoints, data,
-harness, recipes). The evaluation and application names below load on first use, so
-``import mini_unlearn_jax`` stays light; the modules' old flat paths (``mini_unlearn_jax.mini``,
-``mini_unlearn_jax.curvature``, ...) still import.
+Train your model (with :class:`Trainer`, or your own optax loop threading the pure buffers
+:func:`snapshot_buffer` and :func:`trajectory_buffer`), gather what training produced with
+:func:`make_problem`, and call :func:`unlearn`: trajectory unlearning for a network that kept
+a trajectory buffer, the contraction-mapping fixed point for a convex objective, a clear error
+otherwise. :func:`after_removal` readies the next request. The names are grouped below by task;
+the evaluation and checkpoint names load on first use, so ``import mini_unlearn_jax`` stays light.
 """
 
 import importlib
-import importlib.abc
-import importlib.util
-import sys
 
+# the public names, grouped by task in __all__ below
+from .core.adapters import Model, as_model, find_head, update_module
 from .core.certificate import Certificate, certify, certify_removal
 from .core.linalg import EKFAC, fit_stats
-from .core.methods import (
-    METHODS,
-    Method,
-    MethodOutput,
-    Problem,
-    applicable,
-    get_method,
-    register_method,
-    run_method,
-)
+from .core.methods import METHODS, Method, applicable, get_method, register_method, run_method
 from .core.mini import (
     MiniConfig,
     UnlearnError,
     UnlearnResult,
+    fixed_point_unlearn,
+    fixed_point_unlearn_many,
     pad_request,
-    unlearn,
     unlearn_core,
-    unlearn_many,
 )
 from .core.models import (
     MLP,
     LogisticRegression,
     Objective,
     build_model,
+    check_param_dtypes,
     init_params,
     make_objective,
 )
-from .core.snapshots import SnapshotBuffer, SnapshotState, data_grad_fn, snapshot_buffer
+from .core.problem import MethodOutput, Problem
+from .core.snapshots import (
+    SnapshotBuffer,
+    SnapshotState,
+    TrajectoryBuffer,
+    TrajectoryState,
+    data_grad_fn,
+    log_schedule,
+    snapshot_buffer,
+    trajectory_buffer,
+)
 from .core.training import TrainConfig, Trainer, TrainState, default_config, train
+from .core.trajectory import TrajectoryConfig
+from .core.unlearning import (
+    Unlearned,
+    UnlearnedBatch,
+    after_removal,
+    choose_method,
+    make_problem,
+    unlearn,
+)
 
 # name -> module that defines it, imported when the name is first read (PEP 562)
 _LAZY = {
+    # evaluation
     "attacks": "evaluation.attacks", "privacy": "evaluation.privacy",
     "agreement": "evaluation.metrics", "mean_kl": "evaluation.metrics",
     "predict_probs": "evaluation.metrics", "rel_param_error": "evaluation.metrics",
+    "AuditReport": "evaluation.audit", "audit_params": "evaluation.audit",
+    # checkpoints and data
     "Run": "app.checkpoint", "load_run": "app.checkpoint", "save_run": "app.checkpoint",
+    "audit_run": "app.audit", "retire_run": "app.retire",
     "DataError": "app.data", "Dataset": "app.data", "load_dataset": "app.data",
-}
-
-# the flat module paths of releases before the layered layout
-_MOVED = {
-    "models": "core.models", "snapshots": "core.snapshots", "training": "core.training",
-    "curvature": "core.linalg", "mini": "core.mini", "deltagrad": "core.deltagrad",
-    "trajectory": "core.trajectory", "certificate": "core.certificate", "methods": "core.methods",
-    "metrics": "evaluation.metrics", "attacks": "evaluation.attacks", "privacy": "evaluation.privacy",
-    "cli": "app.cli", "checkpoint": "app.checkpoint", "harness": "app.harness", "data": "app.data",
-    "runtime": "app.runtime",
 }
 
 
@@ -74,43 +75,29 @@ def __getattr__(name):
         value = module if _LAZY[name].endswith("." + name) else getattr(module, name)
         globals()[name] = value
         return value
-    if name in _MOVED or name in ("app", "evaluation"):
+    if name in ("core", "app", "evaluation"):
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class _OldPaths(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """``import mini_unlearn_jax.mini`` gives the module now at ``mini_unlearn_jax.core.mini``
-    (the same module object, so its classes and functions are the same ones)."""
-
-    def find_spec(self, fullname, path=None, target=None):
-        prefix, _, short = fullname.rpartition(".")
-        if prefix == __name__ and short in _MOVED:
-            return importlib.util.spec_from_loader(fullname, self)
-        return None
-
-    def create_module(self, spec):
-        return None
-
-    def exec_module(self, module):
-        target = importlib.import_module(f"{__name__}.{_MOVED[module.__name__.rpartition('.')[2]]}")
-        sys.modules[module.__name__] = target  # the import statement returns sys.modules' entry
-
-
-if not any(isinstance(f, _OldPaths) for f in sys.meta_path):
-    sys.meta_path.append(_OldPaths())
-
 __all__ = [
-    "attacks", "privacy",
-    "Run", "load_run", "save_run",
-    "Certificate", "certify", "certify_removal",
-    "EKFAC", "fit_stats",
-    "DataError", "Dataset", "load_dataset",
-    "METHODS", "Method", "MethodOutput", "Problem", "applicable", "get_method", "register_method", "run_method",
-    "agreement", "mean_kl", "predict_probs", "rel_param_error",
-    "MLP", "LogisticRegression", "Objective", "build_model", "init_params", "make_objective",
-    "SnapshotBuffer", "SnapshotState", "data_grad_fn", "snapshot_buffer",
+    # models and objectives
+    "Model", "as_model", "find_head", "update_module", "Objective", "make_objective", "check_param_dtypes", "LogisticRegression", "MLP", "build_model", "init_params",
+    # training
     "TrainConfig", "Trainer", "TrainState", "default_config", "train",
-    "MiniConfig", "UnlearnError", "UnlearnResult", "pad_request", "unlearn", "unlearn_core", "unlearn_many",
+    "SnapshotBuffer", "SnapshotState", "snapshot_buffer", "data_grad_fn",
+    "TrajectoryBuffer", "TrajectoryState", "trajectory_buffer", "log_schedule",
+    "EKFAC", "fit_stats",
+    # unlearning
+    "Problem", "make_problem", "unlearn", "choose_method", "Unlearned", "UnlearnedBatch", "after_removal",
+    "UnlearnError",
+    # methods
+    "METHODS", "Method", "MethodOutput", "applicable", "get_method", "register_method", "run_method",
+    "TrajectoryConfig", "MiniConfig", "UnlearnResult", "fixed_point_unlearn", "fixed_point_unlearn_many",
+    "unlearn_core", "pad_request", "Certificate", "certify", "certify_removal",
+    # evaluation
+    "attacks", "privacy", "agreement", "mean_kl", "predict_probs", "rel_param_error", "AuditReport", "audit_params",
+    # checkpoints, data, deletion
+    "Run", "load_run", "save_run", "audit_run", "retire_run", "DataError", "Dataset", "load_dataset",
 ]
 __version__ = "0.1.0"

@@ -4,7 +4,7 @@
 
 Joins a two-process JAX cluster on ``localhost:PORT`` (CPU collectives over gloo, two host CPU
 devices per process), builds a ``Mesh`` over the four devices of both processes and runs the
-README's multi-host recipe: ``unlearn(..., config=MiniConfig(mesh=mesh, mesh_axis="data"))`` on
+README's multi-host recipe: ``fixed_point_unlearn(..., config=MiniConfig(mesh=mesh, mesh_axis="data"))`` on
 the trained model pickled in ``IN.pkl``. Writes the unlearned parameters and what the run saw
 to ``OUT.npz``.
 """
@@ -38,7 +38,7 @@ with open(inp, "rb") as f:
 model = mu.build_model("logreg", d["classes"])
 obj = mu.make_objective(model, d["l2"])
 mesh = Mesh(np.array(jax.devices()), ("data",))
-res = mu.unlearn(obj, d["params"], d["snapshots"], d["x"], d["y"], d["forget"], stats=d["stats"],
+res = mu.fixed_point_unlearn(obj, d["params"], d["snapshots"], d["x"], d["y"], d["forget"], stats=d["stats"],
                  config=mu.MiniConfig(chunk=64, mesh=mesh, mesh_axis="data"))
 w = ravel_pytree(res.params)[0]
 

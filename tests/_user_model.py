@@ -44,7 +44,7 @@ def other_loss(logits, y):
 
 
 def objective(loss=smoothed_ce):
-    return mu.make_objective(Scorer(), L2, example_loss=loss, penalize_bias=True)
+    return mu.make_objective(Scorer(), L2, example_loss=loss, penalize_bias=True, convex=True)  # a linear scorer
 
 
 def data():

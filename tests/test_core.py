@@ -36,7 +36,7 @@ def test_core_composes_with_a_users_jit_and_batching():
 
     for i, r in enumerate(requests):
         p, ok = traced(st.params, st.snapshots, idx[i], mask[i])  # every request: one trace
-        want = mu.unlearn(obj, st.params, st.snapshots, ds.x_train, ds.y_train, r, stats=stats,
+        want = mu.fixed_point_unlearn(obj, st.params, st.snapshots, ds.x_train, ds.y_train, r, stats=stats,
                           config=mu.MiniConfig(min_bucket=128))
         assert bool(ok)
         chex.assert_trees_all_close(p, want.params, rtol=1e-5, atol=1e-6)
@@ -44,7 +44,7 @@ def test_core_composes_with_a_users_jit_and_batching():
     batched = jax.jit(jax.vmap(lambda i, m: mu.unlearn_core(obj, st.params, st.snapshots, x, y, i, m,
                                                             stats=stats).params))(idx, mask)
     for i, r in enumerate(requests):
-        want = mu.unlearn(obj, st.params, st.snapshots, ds.x_train, ds.y_train, r, stats=stats,
+        want = mu.fixed_point_unlearn(obj, st.params, st.snapshots, ds.x_train, ds.y_train, r, stats=stats,
                           config=mu.MiniConfig(min_bucket=128))
         chex.assert_trees_all_close(jax.tree.map(lambda a, i=i: a[i], batched), want.params, rtol=1e-4, atol=1e-5)
 

@@ -70,7 +70,7 @@ def test_two_process_sharded_unlearn_equals_single_process(tmp_path):
     stats = mu.fit_stats(obj, st.params, ds.x_train)
     forget = np.arange(0, 400, 3)
 
-    ref = mu.unlearn(obj, st.params, st.snapshots, ds.x_train, ds.y_train, forget, stats=stats,
+    ref = mu.fixed_point_unlearn(obj, st.params, st.snapshots, ds.x_train, ds.y_train, forget, stats=stats,
                      config=mu.MiniConfig(chunk=64))
     assert bool(ref.converged), ref.reason()
     w_ref = np.asarray(ravel_pytree(ref.params)[0])

@@ -93,17 +93,15 @@ def test_import_is_light():
     assert proc.stdout.strip() == "", f"loaded at import: {proc.stdout.strip()}"
 
 
-def test_old_flat_module_paths_still_import():
-    """Users' `import mini_unlearn_jax.mini` / `from mini_unlearn_jax.curvature import ...` keep working
-    and give the very same module objects as the new paths."""
-    import mini_unlearn_jax.curvature as old_cv
-    import mini_unlearn_jax.mini as old_mini
-    from mini_unlearn_jax.methods import run_method
-
+def test_public_names_resolve_to_their_modules():
+    """Every name in ``__all__`` resolves (the lazy ones on first use, to the very objects of
+    their modules); the layers' subpackages are reachable as attributes."""
     import mini_unlearn_jax as mu
-    from mini_unlearn_jax.core import linalg, mini
+    from mini_unlearn_jax.core import linalg, unlearning
 
-    assert old_mini is mini and old_cv is linalg and run_method is mu.run_method
+    for name in mu.__all__:
+        assert getattr(mu, name) is not None, name
+    assert mu.unlearn is unlearning.unlearn and mu.fit_stats is linalg.fit_stats
     assert mu.attacks.__name__ == "mini_unlearn_jax.evaluation.attacks" and mu.load_run.__module__.endswith("checkpoint")
     with pytest.raises(AttributeError):
         mu.no_such_name  # noqa: B018

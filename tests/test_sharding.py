@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent("""
     forget = np.arange(0, 400, 3)
     outs = {}
     for name, cfg in (("single", mu.MiniConfig(chunk=64)), ("sharded", mu.MiniConfig(chunk=64, mesh=mesh))):
-        r = mu.unlearn(obj, st.params, st.snapshots, ds.x_train, ds.y_train, forget, stats=stats, config=cfg)
+        r = mu.fixed_point_unlearn(obj, st.params, st.snapshots, ds.x_train, ds.y_train, forget, stats=stats, config=cfg)
         assert bool(r.converged), r.reason()
         outs[name] = np.asarray(ravel_pytree(r.params)[0])
     np.testing.assert_allclose(outs["sharded"], outs["single"], rtol=1e-5, atol=1e-6)

@@ -92,7 +92,7 @@ def test_first_step_exit_reports_no_rate_and_no_estimate(logreg):
     ds, pb = logreg
     forget = np.arange(0, 600, 5)
     # a tolerance so loose that the first step ends the solve
-    res = ul.unlearn(*_args(pb), forget, stats=pb.stats, config=ul.MiniConfig(tol=10.0, refine_passes=0))
+    res = ul.fixed_point_unlearn(*_args(pb), forget, stats=pb.stats, config=ul.MiniConfig(tol=10.0, refine_passes=0))
     assert int(res.iterations) == 1 and int(res.status) == ul.CONVERGED and bool(res.converged)
     # one step gives no ratio: neither a rate nor an error estimate is claimed (never 0 and 0)
     assert np.isnan(float(res.contraction)) and np.isnan(float(res.error_estimate))
@@ -110,7 +110,7 @@ def test_slow_contraction_converges_with_the_rate_of_the_exact_map():
     L = n / nr * np.linalg.eigvalsh(H_full).max() + obj.l2
     q_true = 1.0 - np.linalg.eigvalsh(H_rem).min() / L
     assert q_true > 0.95  # slow
-    res = ul.unlearn(obj, st.params, st.snapshots, x, y, forget,
+    res = ul.fixed_point_unlearn(obj, st.params, st.snapshots, x, y, forget,
                      config=ul.MiniConfig(curvature="exact", refine_passes=0, tol=1e-5, max_iter=3000))
     assert int(res.status) == ul.CONVERGED and int(res.iterations) > 100
     q = float(res.contraction)
@@ -126,8 +126,8 @@ def test_round_off_stall_in_float64_is_success_not_divergence(monkeypatch):
     with jax.enable_x64(True):
         ds, pb = _logreg_problem(np.float64)
         forget = np.arange(0, 600, 10)
-        reachable = ul.unlearn(*_args(pb), forget, stats=pb.stats, config=ul.MiniConfig(tol=1e-12, refine_passes=0))
-        tiny = ul.unlearn(*_args(pb), forget, stats=pb.stats,
+        reachable = ul.fixed_point_unlearn(*_args(pb), forget, stats=pb.stats, config=ul.MiniConfig(tol=1e-12, refine_passes=0))
+        tiny = ul.fixed_point_unlearn(*_args(pb), forget, stats=pb.stats,
                           config=ul.MiniConfig(tol=1e-30, refine_passes=0, max_iter=2000))
         assert int(tiny.status) == ul.AT_RESOLUTION and bool(tiny.converged), tiny.reason()
         assert "resolution" in tiny.reason()
@@ -138,7 +138,7 @@ def test_round_off_stall_in_float64_is_success_not_divergence(monkeypatch):
         # the same iteration without the resolution rule stalls on round-off and is (wrongly)
         # declared non-contractive: the stall is real
         monkeypatch.setattr(ul, "RESOLUTION", 0.0)
-        bare = ul.unlearn(*_args(pb), forget, stats=pb.stats, throw=False,
+        bare = ul.fixed_point_unlearn(*_args(pb), forget, stats=pb.stats, throw=False,
                           config=ul.MiniConfig(tol=1e-30, refine_passes=0, max_iter=2001))  # a fresh trace
         assert int(bare.status) in (ul.EXPANDING, ul.NOT_CONTRACTING), bare.status_name()
 
@@ -146,13 +146,13 @@ def test_round_off_stall_in_float64_is_success_not_divergence(monkeypatch):
 def test_step_cap_is_judged_on_the_rate_over_several_steps():
     obj, st, x, y, forget, w_r, _, _ = _ridge(scales=(4.0, 1.0, 1.0, 1.0))
     cfg = ul.MiniConfig(curvature="exact", refine_passes=0, tol=1e-5, max_iter=20)
-    res = ul.unlearn(obj, st.params, st.snapshots, x, y, forget, config=cfg, throw=False)
+    res = ul.fixed_point_unlearn(obj, st.params, st.snapshots, x, y, forget, config=cfg, throw=False)
     assert int(res.status) == ul.MAX_ITER and not bool(res.converged)
     assert int(res.stats.rate_ratios) == ul.RATE_WINDOW and float(res.contraction) < 1.0
     assert "still shrinking" in res.reason()
     _assert_bitwise_equal(res.params, st.params)
     # too few steps to estimate a rate: the cap says so, and no rate is reported
-    res = ul.unlearn(obj, st.params, st.snapshots, x, y, forget, throw=False,
+    res = ul.fixed_point_unlearn(obj, st.params, st.snapshots, x, y, forget, throw=False,
                      config=ul.MiniConfig(curvature="exact", refine_passes=0, tol=1e-5, max_iter=2))
     assert int(res.status) == ul.MAX_ITER and np.isnan(float(res.contraction))
 
@@ -165,7 +165,7 @@ def _faked_refinement(pb, monkeypatch, shift: float, residual: float, passes: in
     reported with relative residual ``residual``. ``passes`` must be a refinement length no other
     test compiles, so jit's cache cannot hand back a program traced with another pcg."""
     forget = np.arange(0, 600, 4)
-    lite = ul.unlearn(*_args(pb), forget, stats=pb.stats, config=ul.MiniConfig(refine_passes=0, tol=1.1e-5))
+    lite = ul.fixed_point_unlearn(*_args(pb), forget, stats=pb.stats, config=ul.MiniConfig(refine_passes=0, tol=1.1e-5))
     real = cv.pcg
 
     def faked(A, b, x0, precond, iters, rtol=1e-6, *, initial_residual=False):
@@ -173,7 +173,7 @@ def _faked_refinement(pb, monkeypatch, shift: float, residual: float, passes: in
         return d + shift, jnp.asarray(residual, b.dtype), used, rel0
 
     monkeypatch.setattr(cv, "pcg", faked)
-    res = ul.unlearn(*_args(pb), forget, stats=pb.stats, config=ul.MiniConfig(refine_passes=passes, tol=1.1e-5))
+    res = ul.fixed_point_unlearn(*_args(pb), forget, stats=pb.stats, config=ul.MiniConfig(refine_passes=passes, tol=1.1e-5))
     return lite, res
 
 
@@ -199,8 +199,8 @@ def test_an_accepted_refinement_lowers_the_remaining_objective(logreg):
     forget = np.arange(0, 600, 4)
     keep = jnp.asarray(np.isin(np.arange(len(ds.x_train)), forget, invert=True).astype(np.float32))
     f = lambda p: float(pb.objective.value(p, jnp.asarray(ds.x_train), jnp.asarray(ds.y_train), keep))
-    lite = ul.unlearn(*_args(pb), forget, stats=pb.stats, config=ul.MiniConfig(refine_passes=0, tol=1.1e-5))
-    res = ul.unlearn(*_args(pb), forget, stats=pb.stats, config=ul.MiniConfig(refine_passes=5, tol=1.1e-5))
+    lite = ul.fixed_point_unlearn(*_args(pb), forget, stats=pb.stats, config=ul.MiniConfig(refine_passes=0, tol=1.1e-5))
+    res = ul.fixed_point_unlearn(*_args(pb), forget, stats=pb.stats, config=ul.MiniConfig(refine_passes=5, tol=1.1e-5))
     assert int(res.status) == ul.CONVERGED and f(res.params) < f(lite.params)
 
 
@@ -208,7 +208,7 @@ def test_refinement_with_a_wrong_sign_operator_returns_the_input(logreg, monkeyp
     ds, pb = logreg
     real = cv.ggn_vp
     monkeypatch.setattr(cv, "ggn_vp", lambda *a: jax.tree.map(jnp.negative, real(*a)))
-    res = ul.unlearn(*_args(pb), np.arange(0, 600, 4), stats=pb.stats, throw=False,
+    res = ul.fixed_point_unlearn(*_args(pb), np.arange(0, 600, 4), stats=pb.stats, throw=False,
                      config=ul.MiniConfig(refine_passes=3, tol=1.2e-5))  # a fresh trace
     # against the (wrong) operator, neither the fixed point nor the refinement beats not moving
     assert int(res.status) == ul.REFINE_FAILED and not bool(res.converged)
@@ -229,14 +229,14 @@ def test_refinement_makes_exactly_refine_passes_data_passes(logreg, monkeypatch)
     monkeypatch.setattr(cv, "ggn_vp", counted)
     for k in (1, 3):
         calls.clear()
-        res = ul.unlearn(*_args(pb), np.arange(0, 600, 6), stats=pb.stats, config=ul.MiniConfig(refine_passes=k, tol=1.3e-5))
+        res = ul.fixed_point_unlearn(*_args(pb), np.arange(0, 600, 6), stats=pb.stats, config=ul.MiniConfig(refine_passes=k, tol=1.3e-5))
         jax.effects_barrier()
         assert len(calls) == k == int(res.refine_passes) == int(res.stats.data_passes)
         assert res.curvature() == "ekfac" and int(res.stats.curvature) == ul.CURVATURES.index("ekfac")
     # curvature='exact' also passes over the data: 31 for the power iteration, one per iteration
     obj, st, x, y, forget, w_r, _, _ = _ridge()
     calls.clear()
-    res = ul.unlearn(obj, st.params, st.snapshots, x, y, forget, config=ul.MiniConfig(curvature="exact", refine_passes=2))
+    res = ul.fixed_point_unlearn(obj, st.params, st.snapshots, x, y, forget, config=ul.MiniConfig(curvature="exact", refine_passes=2))
     jax.effects_barrier()
     assert len(calls) == int(res.stats.data_passes) == 31 + int(res.iterations) + int(res.refine_passes)
     assert 1 <= int(res.refine_passes) <= 2
@@ -253,12 +253,12 @@ def test_throw_raises_with_the_message_and_carries_the_result(logreg):
     x[5, 0] = np.nan
     args = (pb.objective, pb.params, pb.snapshots, jnp.asarray(x), pb.y)
     with pytest.raises(ul.UnlearnError, match="NaN/inf") as info:
-        ul.unlearn(*args, [5, 6, 7], stats=pb.stats, config=ul.MiniConfig(refine_passes=0))
+        ul.fixed_point_unlearn(*args, [5, 6, 7], stats=pb.stats, config=ul.MiniConfig(refine_passes=0))
     res = info.value.result
     assert int(res.status) == ul.NONFINITE and res.status_name() == "nonfinite"
     _assert_bitwise_equal(res.params, pb.params)
     # throw=False returns the same result
-    res2 = ul.unlearn(*args, [5, 6, 7], stats=pb.stats, config=ul.MiniConfig(refine_passes=0), throw=False)
+    res2 = ul.fixed_point_unlearn(*args, [5, 6, 7], stats=pb.stats, config=ul.MiniConfig(refine_passes=0), throw=False)
     assert res2.reason() == res.reason() and res2.value is res2.params and int(res2.result) == ul.NONFINITE
 
 
@@ -269,17 +269,17 @@ def test_vmapped_batch_with_one_failing_request(logreg):
     args = (pb.objective, pb.params, pb.snapshots, jnp.asarray(x), pb.y)
     cfg = ul.MiniConfig(refine_passes=0)  # the fixed point reads only the removed rows
     reqs = [np.arange(100, 160), np.array([5, 6, 7]), np.arange(300, 340)]
-    many = ul.unlearn_many(*args, reqs, stats=pb.stats, config=cfg)
+    many = ul.fixed_point_unlearn_many(*args, reqs, stats=pb.stats, config=cfg)
     assert np.asarray(many.status).shape == (3,)
     assert list(np.asarray(many.converged)) == [True, False, True]
     assert many.status_name() == ["converged", "nonfinite", "converged"] and "NaN" in many.reason()[1]
     _assert_bitwise_equal(many.request(1).params, pb.params)
     for i in (0, 2):
-        single = ul.unlearn(*args, reqs[i], stats=pb.stats, config=cfg)
+        single = ul.fixed_point_unlearn(*args, reqs[i], stats=pb.stats, config=cfg)
         np.testing.assert_allclose(flat(many.request(i).params), flat(single.params), rtol=1e-5, atol=1e-6)
     assert many.curvature() == ["ekfac"] * 3
     with pytest.raises(ul.UnlearnError, match="1 of 3 unlearning requests failed: request 1"):
-        ul.unlearn_many(*args, reqs, stats=pb.stats, config=cfg, throw=True)
+        ul.fixed_point_unlearn_many(*args, reqs, stats=pb.stats, config=cfg, throw=True)
 
 
 def test_the_number_of_requests_is_bucketed(logreg):
@@ -287,10 +287,10 @@ def test_the_number_of_requests_is_bucketed(logreg):
     cfg = ul.MiniConfig(refine_passes=1, min_bucket=32)  # a config no other test uses
     reqs = [np.arange(i * 20, i * 20 + 10) for i in range(5)]
     start = ul._solve_many_jit._cache_size()
-    three = ul.unlearn_many(*_args(pb), reqs[:3], stats=pb.stats, config=cfg)
-    four = ul.unlearn_many(*_args(pb), reqs[:4], stats=pb.stats, config=cfg)
+    three = ul.fixed_point_unlearn_many(*_args(pb), reqs[:3], stats=pb.stats, config=cfg)
+    four = ul.fixed_point_unlearn_many(*_args(pb), reqs[:4], stats=pb.stats, config=cfg)
     assert ul._solve_many_jit._cache_size() - start == 1  # 3 and 4 requests share one program
-    ul.unlearn_many(*_args(pb), reqs, stats=pb.stats, config=cfg)
+    ul.fixed_point_unlearn_many(*_args(pb), reqs, stats=pb.stats, config=cfg)
     assert ul._solve_many_jit._cache_size() - start == 2  # 5 requests: the next bucket (8)
     assert np.asarray(three.converged).shape == (3,) and bool(np.all(four.converged))
     np.testing.assert_allclose(flat(three.request(2).params), flat(four.request(2).params), rtol=1e-6, atol=1e-7)
@@ -302,13 +302,13 @@ def test_the_number_of_requests_is_bucketed(logreg):
 def test_stale_buffer_is_refused(logreg):
     ds, pb = logreg
     forget = np.arange(0, 600, 10)
-    res = ul.unlearn(*_args(pb), forget, stats=pb.stats)
+    res = ul.fixed_point_unlearn(*_args(pb), forget, stats=pb.stats)
     # the unlearned parameters with the buffer recorded for the original ones
     with pytest.raises(ValueError, match="stale.*after_removal"):
-        ul.unlearn(pb.objective, res.params, pb.snapshots, pb.x, pb.y, [1, 2], stats=pb.stats)
+        ul.fixed_point_unlearn(pb.objective, res.params, pb.snapshots, pb.x, pb.y, [1, 2], stats=pb.stats)
     # refreshed for them (one pass over the remaining data), the next request is accepted
     nxt = M.after_removal(pb, res.params, forget)
-    out = ul.unlearn(nxt.objective, nxt.params, nxt.snapshots, nxt.x, nxt.y, [1, 2], stats=nxt.stats)
+    out = ul.fixed_point_unlearn(nxt.objective, nxt.params, nxt.snapshots, nxt.x, nxt.y, [1, 2], stats=nxt.stats)
     assert bool(out.converged)
     # a perturbation of a few ulps is not stale
     ulps = jax.tree.map(lambda p: jnp.nextafter(p, jnp.inf), pb.params)
@@ -322,7 +322,7 @@ def test_ekfac_is_refused_for_a_loss_other_than_softmax_cross_entropy(logreg):
     obj = make_objective(model, 1e-2, example_loss=smooth)
     assert obj.kind == "logreg"
     with pytest.raises(ValueError, match="plain softmax cross-entropy"):
-        ul.unlearn(obj, pb.params, pb.snapshots, pb.x, pb.y, [1, 2], stats=pb.stats,
+        ul.fixed_point_unlearn(obj, pb.params, pb.snapshots, pb.x, pb.y, [1, 2], stats=pb.stats,
                    config=ul.MiniConfig(curvature="ekfac"))
     assert ul.resolve_curvature(obj, ul.MiniConfig(), pb.stats) == "lbfgs"  # auto picks a path that fits
     # the same loss written another way is recognised
@@ -333,17 +333,17 @@ def test_ekfac_is_refused_for_a_loss_other_than_softmax_cross_entropy(logreg):
 def test_float64_end_to_end_under_x64(logreg):
     _, pb32 = logreg
     forget = np.arange(0, 600, 4)
-    res32 = ul.unlearn(*_args(pb32), forget, stats=pb32.stats)
+    res32 = ul.fixed_point_unlearn(*_args(pb32), forget, stats=pb32.stats)
     with jax.enable_x64(True):
         # ridge in float64: the exact path with refinement reaches the closed-form minimizer
         obj, st, x, y, rm, w_r, _, _ = _ridge(dtype=np.float64)
-        res = ul.unlearn(obj, st.params, st.snapshots, x, y, rm,
+        res = ul.fixed_point_unlearn(obj, st.params, st.snapshots, x, y, rm,
                          config=ul.MiniConfig(curvature="exact", refine_passes=3, tol=1e-12, max_iter=1000))
         assert all(a.dtype == jnp.float64 for a in jax.tree.leaves(res.params))
         np.testing.assert_allclose(_ridge_vec(res.params), w_r, rtol=0, atol=1e-9)
         # logistic regression trained in float64: the default solve, against retraining
         _, pb = _logreg_problem(np.float64)
-        res = ul.unlearn(*_args(pb), forget, stats=pb.stats)
+        res = ul.fixed_point_unlearn(*_args(pb), forget, stats=pb.stats)
         assert all(a.dtype == jnp.float64 for a in jax.tree.leaves(res.params)) and bool(res.converged)
         ret = M.run_method("retrain", pb, forget)
         rel64 = rel_param_error(res.params, ret.params, pb.params)
@@ -355,14 +355,14 @@ def test_float64_end_to_end_under_x64(logreg):
 def test_float32_parameters_stay_float32_under_x64(logreg):
     ds, pb = logreg
     forget = np.arange(0, 600, 4)
-    ref = ul.unlearn(*_args(pb), forget, stats=pb.stats)
+    ref = ul.fixed_point_unlearn(*_args(pb), forget, stats=pb.stats)
     with jax.enable_x64(True):
         x64 = np.asarray(ds.x_train, np.float64)
         stats64 = cv.fit_stats(pb.objective, pb.params, x64)  # float64 statistics under x64
         assert stats64.diag.dtype == jnp.float64
-        res = ul.unlearn(pb.objective, pb.params, pb.snapshots, x64, pb.y, forget, stats=stats64)
+        res = ul.fixed_point_unlearn(pb.objective, pb.params, pb.snapshots, x64, pb.y, forget, stats=stats64)
         assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(res.params)) and bool(res.converged)
-        many = ul.unlearn_many(pb.objective, pb.params, pb.snapshots, x64, pb.y, [forget, forget[:9]], stats=stats64)
+        many = ul.fixed_point_unlearn_many(pb.objective, pb.params, pb.snapshots, x64, pb.y, [forget, forget[:9]], stats=stats64)
         assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(many.params))
     np.testing.assert_allclose(flat(res.params), flat(ref.params), rtol=1e-4, atol=1e-5)
 
@@ -384,7 +384,7 @@ def test_bfloat16_parameters_are_refused_with_a_clear_message():
                                                                  ds.y_train)
     p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), st.params)
     with pytest.raises(ValueError, match="bfloat16.*float32 or float64"):
-        ul.unlearn(obj, p16, st.snapshots, ds.x_train, ds.y_train, [1, 2, 3])
+        ul.fixed_point_unlearn(obj, p16, st.snapshots, ds.x_train, ds.y_train, [1, 2, 3])
     p64 = init_params(model, ds.x_train[0], 0, dtype=jnp.bfloat16)
     assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(p64))
 

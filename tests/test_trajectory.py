@@ -59,10 +59,17 @@ def test_buffer_has_fixed_shapes_and_keeps_exactly_the_scheduled_steps(with_opt)
 
 
 def test_unwritten_slots_are_marked():
-    buf = TJ.trajectory_buffer((0, 5, 10))
+    buf = TJ.trajectory_buffer((1, 5, 10))
     s = buf.update(buf.init({"w": jnp.zeros(2)}), 5, {"w": jnp.ones(2)})
     np.testing.assert_array_equal(s.steps, [-1, 5, -1])
     assert int(TJ.select_snapshot(jnp.zeros(3), s.steps, 0.1)) == 1  # only written, non-final slots
+
+
+def test_init_records_the_initial_parameters_when_the_schedule_starts_at_0():
+    w0 = {"w": jnp.arange(3.0)}
+    s = TJ.trajectory_buffer((0, 5, 10)).init(w0)
+    np.testing.assert_array_equal(s.steps, [0, -1, -1])
+    np.testing.assert_array_equal(s.params["w"][0], w0["w"])
 
 
 def test_select_snapshot_takes_the_latest_unmemorised_one():

@@ -27,7 +27,7 @@ def _ridge():
     y = (x @ rng.normal(size=d) + 0.3 * rng.normal(size=n)).astype(np.float32)
     model = nn.Dense(1)
     obj = Objective(apply_fn=lambda p, xb: model.apply({"params": p}, xb),
-                    example_loss=lambda z, t: 0.5 * (z[0] - t) ** 2, l2=0.5)
+                    example_loss=lambda z, t: 0.5 * (z[0] - t) ** 2, l2=0.5, convex=True)
     params0 = model.init(jax.random.key(0), x[:1])["params"]
     return obj, params0, x, y
 
@@ -51,12 +51,12 @@ def test_fixed_point_converges_to_retrained_minimizer_and_error_estimate_holds()
     keep[forget] = False
     w_r = _ridge_solution(x, y, keep, obj.l2)
     # stopped by the step cap mid-way: not converged, and the input parameters come back bit for bit
-    res = ul.unlearn(obj, state.params, state.snapshots, x, y, forget,
+    res = ul.fixed_point_unlearn(obj, state.params, state.snapshots, x, y, forget,
                      config=ul.MiniConfig(curvature="exact", refine_passes=0, tol=1e-7, max_iter=8), throw=False)
     assert not bool(res.converged) and int(res.status) == ul.MAX_ITER
     for a, b in zip(jax.tree.leaves(res.params), jax.tree.leaves(state.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    res = ul.unlearn(obj, state.params, state.snapshots, x, y, forget,
+    res = ul.fixed_point_unlearn(obj, state.params, state.snapshots, x, y, forget,
                      config=ul.MiniConfig(curvature="exact", refine_passes=0, tol=1e-7, max_iter=400))
     w = np.concatenate([np.asarray(res.params["kernel"])[:, 0], np.asarray(res.params["bias"])])
     err = np.linalg.norm(w - w_r)
@@ -135,7 +135,7 @@ def test_divergence_is_reported_and_original_params_returned(logreg):
         bad = buf.update(bad, k, shift, jax.tree.map(lambda g, s, w: g + 1e-4 * (s - w), g_star, shift, w_star))
     bad = buf.update(bad, K, w_star, g_star, force=True)
     forget = np.arange(0, ds.n_train, 2)
-    res = ul.unlearn(problem.objective, problem.params, bad, problem.x, problem.y, forget,
+    res = ul.fixed_point_unlearn(problem.objective, problem.params, bad, problem.x, problem.y, forget,
                      config=ul.MiniConfig(curvature="lbfgs", refine_passes=2), throw=False)
     assert not bool(res.converged)
     # a clear expansion: steps growing by a rate estimate above 1 over several iterations
@@ -153,7 +153,7 @@ def test_nan_in_removed_examples_is_caught(logreg):
     ds, problem = logreg
     x = np.array(ds.x_train)
     x[5, 0] = np.nan
-    res = ul.unlearn(problem.objective, problem.params, problem.snapshots, jnp.asarray(x), problem.y, [5, 6, 7],
+    res = ul.fixed_point_unlearn(problem.objective, problem.params, problem.snapshots, jnp.asarray(x), problem.y, [5, 6, 7],
                      stats=problem.stats, config=ul.MiniConfig(refine_passes=0), throw=False)
     assert not bool(res.converged)
     chex.assert_tree_all_finite(res.params)
@@ -163,12 +163,12 @@ def test_no_recompilation_within_a_bucket_and_vmapped_requests_match(logreg):
     ds, problem = logreg
     cfg = ul.MiniConfig(refine_passes=2, min_bucket=128)
     args = (problem.objective, problem.params, problem.snapshots, problem.x, problem.y)
-    ul.unlearn(*args, np.arange(70), stats=problem.stats, config=cfg)  # bucket 128
+    ul.fixed_point_unlearn(*args, np.arange(70), stats=problem.stats, config=cfg)  # bucket 128
     before = ul.solve_jit._cache_size()
-    r1 = ul.unlearn(*args, np.arange(100, 200), stats=problem.stats, config=cfg)  # 100 -> same bucket
-    r2 = ul.unlearn(*args, np.arange(300, 427), stats=problem.stats, config=cfg)  # 127 -> same bucket
+    r1 = ul.fixed_point_unlearn(*args, np.arange(100, 200), stats=problem.stats, config=cfg)  # 100 -> same bucket
+    r2 = ul.fixed_point_unlearn(*args, np.arange(300, 427), stats=problem.stats, config=cfg)  # 127 -> same bucket
     assert ul.solve_jit._cache_size() == before
-    many = ul.unlearn_many(*args, [np.arange(100, 200), np.arange(300, 427)], stats=problem.stats, config=cfg)
+    many = ul.fixed_point_unlearn_many(*args, [np.arange(100, 200), np.arange(300, 427)], stats=problem.stats, config=cfg)
     for i, single in enumerate((r1, r2)):
         np.testing.assert_allclose(ravel_pytree(jax.tree.map(lambda a, i=i: a[i], many.params))[0],
                                    ravel_pytree(single.params)[0], rtol=1e-4, atol=1e-5)
@@ -193,14 +193,14 @@ def test_api_input_checks(logreg):
     ds, problem = logreg
     args = (problem.objective, problem.params, problem.snapshots)
     with pytest.raises(ValueError, match="same n"):
-        ul.unlearn(*args, problem.x, problem.y[:-1], [1], stats=problem.stats)
+        ul.fixed_point_unlearn(*args, problem.x, problem.y[:-1], [1], stats=problem.stats)
     with pytest.raises(ValueError, match="features"):
-        ul.unlearn(*args, problem.x[:, :4], problem.y, [1], stats=problem.stats)
+        ul.fixed_point_unlearn(*args, problem.x[:, :4], problem.y, [1], stats=problem.stats)
     empty = snapshot_buffer(2).init(problem.params)
     with pytest.raises(ValueError, match="empty"):
-        ul.unlearn(problem.objective, problem.params, empty, problem.x, problem.y, [1], stats=problem.stats)
+        ul.fixed_point_unlearn(problem.objective, problem.params, empty, problem.x, problem.y, [1], stats=problem.stats)
     with pytest.raises(ValueError, match="needs a logistic-regression model"):
-        ul.unlearn(*args, problem.x, problem.y, [1], stats=None, config=ul.MiniConfig(curvature="ekfac"))
+        ul.fixed_point_unlearn(*args, problem.x, problem.y, [1], stats=None, config=ul.MiniConfig(curvature="ekfac"))
 
 
 def test_bitwise_determinism(logreg):
@@ -246,7 +246,7 @@ def test_stream_of_requests_compiles_once_per_bucket(logreg):
     rng = np.random.default_rng(0)
     buckets = set()
     for r in sizes:
-        ul.unlearn(*args, rng.choice(600, r, replace=False), stats=problem.stats, config=cfg)
+        ul.fixed_point_unlearn(*args, rng.choice(600, r, replace=False), stats=problem.stats, config=cfg)
         buckets.add(ul.bucket_size(r, 64))
         assert ul.solve_jit._cache_size() - start == len(buckets)
     assert buckets == {64, 128, 256, 512}
@@ -269,12 +269,12 @@ def test_removed_grad_sum_equals_sum_of_per_example_grads():
 
 def test_batched_result_gives_per_request_reasons_and_views(logreg):
     ds, problem = logreg
-    many = ul.unlearn_many(problem.objective, problem.params, problem.snapshots, problem.x, problem.y,
+    many = ul.fixed_point_unlearn_many(problem.objective, problem.params, problem.snapshots, problem.x, problem.y,
                            [np.arange(0, 20), np.arange(40, 90)], stats=problem.stats)
     assert many.reason() == ["converged", "converged"]
     one = many.request(1)
     assert one.reason() == "converged" and np.ndim(one.status) == 0
-    single = ul.unlearn(problem.objective, problem.params, problem.snapshots, problem.x, problem.y,
+    single = ul.fixed_point_unlearn(problem.objective, problem.params, problem.snapshots, problem.x, problem.y,
                         np.arange(40, 90), stats=problem.stats)
     chex.assert_trees_all_close(one.params, single.params, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="not a batch"):
@@ -311,7 +311,7 @@ def test_ekfac_refinement_reaches_the_dense_newton_step(logreg, ratio):
     w0, step = _dense_newton_step(problem, forget)
     # enough products for CG to converge on 27 parameters: the refined iterate is the Newton step
     cfg = ul.MiniConfig(refine_passes=40, precond_sample=0)
-    res = ul.unlearn(problem.objective, problem.params, problem.snapshots, problem.x, problem.y, forget,
+    res = ul.fixed_point_unlearn(problem.objective, problem.params, problem.snapshots, problem.x, problem.y, forget,
                      stats=problem.stats, config=cfg)
     assert res.curvature() == "ekfac" and float(res.refine_residual) < 1e-3
     got = ravel_pytree(problem.objective.canonicalize(res.params))[0]
@@ -337,6 +337,6 @@ def test_subsampled_removed_curvature_estimate_and_solve(logreg):
     # the estimate shapes only the preconditioner: the refined solve still matches retraining
     ret = M.run_method("retrain", problem, forget)
     for sample in (0, 128):
-        res = ul.unlearn(obj, problem.params, problem.snapshots, problem.x, problem.y, forget, stats=stats,
+        res = ul.fixed_point_unlearn(obj, problem.params, problem.snapshots, problem.x, problem.y, forget, stats=stats,
                          config=ul.MiniConfig(precond_sample=sample))
         assert rel_param_error(res.params, ret.params, problem.params) < 0.3

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from .models import check_param_dtypes
+
 Params = Any
 
 
@@ -198,6 +200,7 @@ def frozen_softmax_loss(logits: jax.Array, probs: jax.Array) -> jax.Array:
 
 def fit_stats(objective, params: Params, x, chunk: int = 8192) -> EKFAC | None:
     """Curvature statistics to save beside a trained model: EKFAC for logistic regression, else None."""
+    check_param_dtypes(params, "fit_stats: the parameters")
     if objective.kind != "logreg":
         return None
     x = jnp.asarray(x)

@@ -172,6 +172,19 @@ def _needs_all(*checks):
     return needs
 
 
+def needs_convex(problem: Problem) -> str | None:
+    """Why a convex-only solver (the fixed point, Newton) does not apply: the objective is not
+    known to be convex. On a network its fixed point is (nearly) the trained model, which still
+    remembers the removed examples, so running it would report a no-op as success."""
+    if problem.objective.is_convex:
+        return None
+    return ("it solves for the remaining-data optimum, which is the retrained model only for a convex objective, "
+            "and this objective is not known to be convex (on a network it returns nearly the trained model, which "
+            "still remembers the removed examples). Keep a trajectory buffer while training (trajectory_buffer; "
+            "`mini` then runs trajectory unlearning) or use retrain; if the objective is convex, declare it: "
+            "make_objective(..., convex=True)")
+
+
 def _needs_snapshots(problem: Problem) -> str | None:
     if problem.snapshots is None:
         return "it reads the snapshot buffer, and Problem.snapshots is None (thread a snapshot_buffer through training)"
@@ -502,19 +515,22 @@ def _run_default_mini(problem: Problem, forget, **options) -> MethodOutput:
 def _needs_mini(problem: Problem) -> str | None:
     if "trajectory" in problem.extras and tj.needs_trajectory(problem) is None:
         return None
-    return _needs_snapshots(problem)
+    return _needs_fixed_point(problem)
+
+
+_needs_fixed_point = _needs_all(needs_convex, _needs_snapshots)
 
 
 register_method("mini", _run_default_mini, needs=_needs_mini,
                 summary="Mini-Unlearning, the default: the fixed point with refinement (convex models), or "
                         "trajectory unlearning where the run kept a trajectory buffer (the CLI's MLPs)")
-register_method("mini-lite", _mini_variant("mini-lite"), needs=_needs_snapshots,
+register_method("mini-lite", _mini_variant("mini-lite"), needs=_needs_fixed_point,
                 summary="Mini-Unlearning without any pass over the remaining data")
-register_method("mini-plus", _mini_variant("mini-plus"), needs=_needs_snapshots,
+register_method("mini-plus", _mini_variant("mini-plus"), needs=_needs_fixed_point,
                 summary="Mini-Unlearning with more refinement (24 CG steps)")
 register_method("retrain", run_retrain, reference=True, needs=_needs_params0,
                 summary="ground truth: the training recipe rerun on the remaining data")
-register_method("newton", run_newton, summary="Newton-CG on the remaining data with exact Hessian-vector products")
+register_method("newton", run_newton, needs=needs_convex, summary="Newton-CG on the remaining data with exact Hessian-vector products")
 register_method("finetune", run_finetune, needs=_needs_recipe("continues training with the recipe's optimizer"),
                 summary="one epoch (or 10 full-batch steps) of the recipe on the remaining data, from w*")
 register_method("neggrad", run_neggrad, summary="gradient ascent on the removed examples' loss")

@@ -57,10 +57,10 @@ read of the data, not counted in ``data_passes`` but in the time), through the l
 :func:`curvature.frozen_softmax_loss`: each product then reads the data twice instead of three
 times. ``refine_passes=0`` gives the variant that never reads the remaining data.
 
-A request that does not succeed returns its input parameters bit for bit. :func:`unlearn` raises
-:class:`UnlearnError` (carrying the result) unless ``throw=False``; :func:`unlearn_many` returns
+A request that does not succeed returns its input parameters bit for bit. :func:`fixed_point_unlearn` raises
+:class:`UnlearnError` (carrying the result) unless ``throw=False``; :func:`fixed_point_unlearn_many` returns
 per-request results (``throw=False`` by default). Requests are padded to power-of-two size
-buckets with a mask, and :func:`unlearn_many` pads the number of requests to a power of two, so
+buckets with a mask, and :func:`fixed_point_unlearn_many` pads the number of requests to a power of two, so
 requests of new sizes (or counts) within a bucket reuse the compiled program.
 """
 
@@ -180,7 +180,7 @@ class MiniConfig:
 
 
 class UnlearnStats(NamedTuple):
-    """Statistics of a solve (leaves gain a leading axis in :func:`unlearn_many`).
+    """Statistics of a solve (leaves gain a leading axis in :func:`fixed_point_unlearn_many`).
 
     Attributes:
       iterations: fixed-point iterations made.
@@ -220,7 +220,7 @@ def _per_request(table, codes) -> str | list[str]:
 
 
 class UnlearnResult(NamedTuple):
-    """What :func:`unlearn` returns (leaves gain a leading axis in :func:`unlearn_many`).
+    """What :func:`fixed_point_unlearn` returns (leaves gain a leading axis in :func:`fixed_point_unlearn_many`).
 
     In optimistix's shape: the answer (``params``, also ``value``), a result code (``status``,
     also ``result``; :meth:`reason` gives its message, one per request for a batch) and
@@ -275,14 +275,14 @@ class UnlearnResult(NamedTuple):
         return _per_request(CURVATURES, self.stats.curvature)
 
     def request(self, i: int) -> UnlearnResult:
-        """Request ``i`` of a batched result from :func:`unlearn_many`, as a single result."""
+        """Request ``i`` of a batched result from :func:`fixed_point_unlearn_many`, as a single result."""
         if np.ndim(self.status) == 0:
             raise ValueError("this is a single request's result, not a batch from unlearn_many")
         return jax.tree.map(lambda a: a[i], self)
 
 
 class UnlearnError(RuntimeError):
-    """Raised by :func:`unlearn` (``throw=True``) when a request fails; ``.result`` holds the
+    """Raised by :func:`fixed_point_unlearn` (``throw=True``) when a request fails; ``.result`` holds the
     :class:`UnlearnResult` (its ``params`` are the input parameters)."""
 
     def __init__(self, message: str, result: UnlearnResult):
@@ -643,7 +643,7 @@ _solve_many_jit = jax.jit(_solve_many, static_argnums=(0, 1, 2))
 
 def unlearn_core(objective: Objective, params: Params, snapshots: SnapshotState, x, y, idx, mask, *,
                  stats: cv.EKFAC | None = None, config: MiniConfig = MiniConfig()) -> UnlearnResult:
-    """The traceable core of :func:`unlearn`: call it inside your own ``jax.jit`` / ``jax.vmap``.
+    """The traceable core of :func:`fixed_point_unlearn`: call it inside your own ``jax.jit`` / ``jax.vmap``.
 
     The forget set is given as arrays: ``idx[r]`` integer indices into ``x``/``y`` and ``mask[r]``
     with 1 for a real entry and 0 for padding (what :func:`pad_request` makes; a fixed ``r``
@@ -651,7 +651,7 @@ def unlearn_core(objective: Objective, params: Params, snapshots: SnapshotState,
     ``objective``, ``config`` and whether ``stats`` is given may be traced (the snapshot buffer,
     the indices, the mask, the data). No Python-level checks run here and nothing raises on
     failure: check ``result.converged`` (a failed request holds the input parameters). Use
-    :func:`unlearn` for checked single requests.
+    :func:`fixed_point_unlearn` for checked single requests.
     """
     with jax.ensure_compile_time_eval():  # the curvature path depends only on static facts
         kind = resolve_curvature(objective, config, stats)
@@ -722,7 +722,7 @@ def _throw(result: UnlearnResult, batch: bool) -> None:
                        "the exception's .result (failed requests hold the input parameters)", result)
 
 
-def unlearn(objective: Objective, params: Params, snapshots: SnapshotState, x, y, forget, *,
+def fixed_point_unlearn(objective: Objective, params: Params, snapshots: SnapshotState, x, y, forget, *,
             stats: cv.EKFAC | None = None, config: MiniConfig = MiniConfig(), throw: bool = True) -> UnlearnResult:
     """Remove the training examples ``forget`` (indices into ``x``/``y``) from a trained model.
 
@@ -753,7 +753,7 @@ def unlearn(objective: Objective, params: Params, snapshots: SnapshotState, x, y
     return res
 
 
-def unlearn_many(objective: Objective, params: Params, snapshots: SnapshotState, x, y, requests, *,
+def fixed_point_unlearn_many(objective: Objective, params: Params, snapshots: SnapshotState, x, y, requests, *,
                  stats: cv.EKFAC | None = None, config: MiniConfig = MiniConfig(), throw: bool = False) -> UnlearnResult:
     """Solve several independent deletion requests in one vmapped call.
 

@@ -97,6 +97,13 @@ class Objective:
         set of parameters with identical outputs and objective (softmax regression: the
         unpenalized bias is defined only up to a constant shift, so it is centred). Training
         applies it to the final parameters so that parameter distances are meaningful.
+      convex: the objective is convex in the parameters (declared by its maker; logistic
+        regression always is). The contraction-mapping fixed point and Newton apply only to
+        convex objectives; a network is unlearned along its trajectory instead.
+
+    The losses are computed on logits of at least float32 (:meth:`logits`): a model that
+    computes in bfloat16 inside ``apply_fn`` gets its loss, gradients' reduction and the
+    library's statistics in float32.
     """
 
     apply_fn: Callable[[Params, Array], Array]
@@ -105,11 +112,22 @@ class Objective:
     l2_mask: Callable[[Params], Params] = kernel_mask
     kind: str = "generic"
     canonicalize: Callable[[Params], Params] | None = None
+    convex: bool = False
+
+    @property
+    def is_convex(self) -> bool:
+        """Whether the objective is known to be convex (declared, or logistic regression)."""
+        return self.convex or self.kind == "logreg"
+
+    def logits(self, params: Params, x: Array) -> Array:
+        """``apply_fn(params, x)`` upcast to at least float32 (bfloat16 compute stays inside the model)."""
+        out = self.apply_fn(params, x)
+        return out.astype(jnp.promote_types(out.dtype, jnp.float32))
 
     # -- per example ---------------------------------------------------------
     def loss_one(self, params: Params, x: Array, y: Array) -> Array:
         """Loss of a single example (``x`` without a batch axis)."""
-        return self.example_loss(self.apply_fn(params, x[None])[0], y)
+        return self.example_loss(self.logits(params, x[None])[0], y)
 
     def example_grads(self, params: Params, x: Array, y: Array) -> Params:
         """Per-example gradients ``[B, ...]`` via ``vmap(grad(loss_one))``."""
@@ -118,7 +136,7 @@ class Objective:
     # -- batched ---------------------------------------------------------------
     def losses(self, params: Params, x: Array, y: Array) -> Array:
         """Per-example losses ``[B]`` from one batched forward pass."""
-        return jax.vmap(self.example_loss)(self.apply_fn(params, x), y)
+        return jax.vmap(self.example_loss)(self.logits(params, x), y)
 
     def data_loss(self, params: Params, x: Array, y: Array, weights: Array | None = None) -> Array:
         """Weighted mean loss ``sum w_i l_i / sum w_i`` (plain mean when ``weights`` is None)."""
@@ -140,19 +158,33 @@ class Objective:
         return self.data_loss(params, x, y, weights) + self.penalty(params)
 
 
-def make_objective(model: nn.Module, l2: float, *, example_loss=cross_entropy, l2_mask=kernel_mask,
-                   penalize_bias: bool = False) -> Objective:
-    """Wrap a flax module (called as ``model.apply({'params': p}, x)``) into an :class:`Objective`.
+def make_objective(model: Any, l2: float, *, example_loss=cross_entropy, l2_mask=kernel_mask,
+                   penalize_bias: bool = False, convex: bool = False) -> Objective:
+    """Wrap a model into an :class:`Objective`.
+
+    A flax.linen module is called as ``model.apply({'params': p}, x)`` (and
+    :class:`LogisticRegression` is recognised as ``kind="logreg"``). Any other model goes through
+    :func:`mini_unlearn_jax.core.adapters.as_model`: an adapter ``Model``, a flax.nnx or equinox
+    module (the objective's parameters are then ``as_model(model).params``: pass the adapter and
+    train from its ``params``), or a batched function ``apply_fn(params, x) -> logits`` used as
+    is. An nnx module is not mutated; train results go back with ``rebuild`` or ``update_module``.
 
     Args:
-      model: the flax module.
+      model: a flax.linen module, an adapter ``Model``, a flax.nnx or equinox module, or a
+        function ``apply_fn(params, x[B, ...]) -> logits[B, C]``.
       l2: the L2 coefficient.
       example_loss: ``(logits[C], y[]) -> scalar``.
-      l2_mask: which leaves the L2 term penalizes (default: kernels only, biases free).
+      l2_mask: which leaves the L2 term penalizes (default: kernels only, biases free; for an
+        equinox model, whose kernels are named ``weight``, the default is
+        :func:`mini_unlearn_jax.core.adapters.weight_mask`, the same selection).
       penalize_bias: penalize every parameter, biases included (``l2_mask=all_params_mask``).
         With ``l2 > 0``, a linear model and a convex loss the objective is ``l2``-strongly convex
         in all parameters, so :func:`mini_unlearn_jax.core.certificate.certify` gives a bound. The
         softmax bias is then determined by the objective and is not re-centred.
+      convex: declare the objective convex in its parameters (a linear model with a convex loss),
+        which admits the convex-only solvers (the fixed point, Newton); logistic regression
+        (:class:`LogisticRegression`) is known to be. Never declare a network convex: its fixed
+        point is the trained model.
     """
     if penalize_bias:
         if l2_mask is not kernel_mask:
@@ -160,14 +192,40 @@ def make_objective(model: nn.Module, l2: float, *, example_loss=cross_entropy, l
         l2_mask = all_params_mask
     is_logreg = isinstance(model, LogisticRegression)
 
-    def apply_fn(params, x):
-        return model.apply({"params": params}, x)
+    if isinstance(model, nn.Module):
+        def apply_fn(params, x):
+            return model.apply({"params": params}, x)
+    else:  # imported here: the adapters pull in flax.nnx (and equinox for equinox models)
+        from .adapters import as_model, model_kind, weight_mask
+
+        kind = model_kind(model)  # TypeError naming the supported kinds for anything else
+        adapter = None if kind == "function" else as_model(model)
+        apply_fn = model if adapter is None else adapter.apply_fn
+        if adapter is not None and adapter.kind == "equinox" and l2_mask is kernel_mask:
+            l2_mask = weight_mask
 
     # centring the softmax bias leaves the objective unchanged only while the bias is unpenalized
     centre = is_logreg and example_loss is cross_entropy and l2_mask is not all_params_mask
     return Objective(apply_fn=apply_fn, example_loss=example_loss, l2=float(l2), l2_mask=l2_mask,
                      kind="logreg" if is_logreg else "generic",
-                     canonicalize=center_softmax_bias if centre else None)
+                     canonicalize=center_softmax_bias if centre else None, convex=bool(convex))
+
+
+LOW_PRECISION = ("bfloat16", "float16")
+
+
+def check_param_dtypes(params: Params, what: str = "the parameters") -> None:
+    """Refuse bfloat16 / float16 parameters up front (ValueError saying what to do).
+
+    The library's buffers, curvature statistics, fixed point and optimizer steps accumulate in
+    the parameters' dtype, where 8 significant bits lose the updates of a late training step.
+    Keep float32 parameters and compute in bfloat16 inside the model (cast the parameters and
+    inputs in ``apply_fn``): the logits are upcast before the loss (:meth:`Objective.logits`)."""
+    low = sorted({str(jnp.result_type(a)) for a in jax.tree.leaves(params)} & set(LOW_PRECISION))
+    if low:
+        raise ValueError(f"{what} are {', '.join(low)}: keep float32 (or float64) parameters and compute in "
+                         "bfloat16 inside your model, e.g. apply_fn = lambda p, x: model.apply({'params': "
+                         "jax.tree.map(lambda a: a.astype(jnp.bfloat16), p)}, x.astype(jnp.bfloat16))")
 
 
 def center_softmax_bias(params: Params) -> Params:

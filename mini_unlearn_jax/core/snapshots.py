@@ -172,8 +172,17 @@ def trajectory_buffer(schedule, *, with_opt_state: bool = False) -> TrajectoryBu
     """A buffer that keeps ``w_t`` (and the optimizer state at ``t``) for ``t`` in ``schedule``.
 
     Slot ``i`` holds step ``schedule[i]``; ``update`` at any other step returns the state
-    unchanged (a ``lax.cond``), so it can run at every step of a ``lax.scan``. Memory:
-    ``K * |w|`` numbers (``3 K |w|`` with Adam's state).
+    unchanged (a ``lax.cond``), so it can run at every step of a ``lax.scan``. ``init(w0)``
+    records the initial parameters as step 0 when the schedule starts there (the rewind target
+    of last resort). In your own loop::
+
+        buf = trajectory_buffer(log_schedule(T, 12))
+        traj = buf.init(params, opt_state)          # slot 0: w0
+        for t in range(T):                          # or inside jax.lax.scan
+            params, opt_state = my_step(params, opt_state, batch(t))
+            traj = buf.update(traj, t + 1, params, opt_state)  # w after step t + 1
+
+    Memory: ``K * |w|`` numbers (``3 K |w|`` with Adam's state).
     """
     sched = tuple(int(s) for s in schedule)
     if not sched or sched[0] < 0 or any(b <= a for a, b in zip(sched, sched[1:], strict=False)):
@@ -184,7 +193,8 @@ def trajectory_buffer(schedule, *, with_opt_state: bool = False) -> TrajectoryBu
     def init(params: Params, opt_state: Any = None) -> TrajectoryState:
         stack = lambda a: jnp.zeros((K,) + jnp.shape(a), jnp.result_type(a))
         opt = jax.tree.map(stack, opt_state) if with_opt_state else ()
-        return TrajectoryState(jnp.full((K,), -1, jnp.int32), jax.tree.map(stack, params), opt)
+        empty = TrajectoryState(jnp.full((K,), -1, jnp.int32), jax.tree.map(stack, params), opt)
+        return update(empty, 0, params, opt_state) if sched[0] == 0 else empty
 
     def update(state: TrajectoryState, step, params: Params, opt_state: Any = None) -> TrajectoryState:
         step = jnp.asarray(step, jnp.int32)

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from . import aot
-from .models import Objective
+from .models import Objective, check_param_dtypes
 from .snapshots import SnapshotBuffer, SnapshotState, TrajectoryBuffer, snapshot_buffer
 
 Params = Any
@@ -30,8 +30,12 @@ class TrainConfig:
     """A training recipe.
 
     Attributes:
-      optimizer: ``lbfgs`` (full batch; the default for convex models), ``adam`` or ``sgd``.
-      learning_rate: step size for adam/sgd (ignored by lbfgs, which line-searches).
+      optimizer: ``lbfgs`` (full batch; the default for convex models), ``adam`` or ``sgd``; or
+        your own optax optimizer: a factory called with the learning rate (``optax.adamw``,
+        ``functools.partial(optax.sgd, momentum=0.9)``), which trajectory unlearning's
+        retraining phase then calls with its one-cycle schedule, or a ready
+        ``optax.GradientTransformation``, which every method uses as it is (its own schedule).
+      learning_rate: step size for adam/sgd or your factory (ignored by lbfgs, which line-searches).
       steps: maximum number of optimizer steps.
       batch_size: ``None`` for full batch, else the mini-batch size.
       tol: full batch only -- stop once the objective's gradient norm is below ``tol``.
@@ -52,8 +56,10 @@ class TrainConfig:
     chunk: int = 100
 
     def __post_init__(self):
-        if self.optimizer not in ("lbfgs", "adam", "sgd"):
-            raise ValueError(f"unknown optimizer {self.optimizer!r}: use lbfgs, adam or sgd")
+        if not (self.optimizer in ("lbfgs", "adam", "sgd") or callable(self.optimizer)
+                or isinstance(self.optimizer, optax.GradientTransformation)):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}: use lbfgs, adam or sgd, an optax optimizer "
+                             "factory such as optax.adamw, or an optax.GradientTransformation")
         if self.optimizer == "lbfgs" and self.batch_size is not None:
             raise ValueError("lbfgs trains full batch: set batch_size=None or use adam/sgd")
         if self.steps < 1 or self.snapshots < 1 or self.snapshot_every < 1 or self.chunk < 1:
@@ -83,6 +89,11 @@ class TrainState(NamedTuple):
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """The recipe's optax optimizer (see :class:`TrainConfig`'s ``optimizer``)."""
+    if isinstance(cfg.optimizer, optax.GradientTransformation):
+        return cfg.optimizer
+    if callable(cfg.optimizer):
+        return cfg.optimizer(cfg.learning_rate)
     if cfg.optimizer == "lbfgs":
         return optax.lbfgs(memory_size=20)
     if cfg.optimizer == "adam":
@@ -216,6 +227,7 @@ class Trainer:
         snapshot buffer, so its newest entry is ``(T, w*, grad G_D(w*))``.
         """
         cfg = self.cfg
+        check_param_dtypes(params, f"{label}: the parameters")
         x = jnp.asarray(x)
         pdtype = jnp.result_type(*jax.tree.leaves(params))
         if jnp.issubdtype(x.dtype, jnp.floating) and jnp.issubdtype(pdtype, jnp.floating) and x.dtype != pdtype:

@@ -23,8 +23,10 @@ that trajectory in a compact buffer and unlearns by going back along it:
      memorised subgroup or a class); it restarts from the latest snapshot whose gap is at most
      ``threshold`` (the forget set is fit no better than unseen data), or from the
      initialisation if there is none;
-   - *retrain fast*: ``budget * T`` Adam steps on the remaining data with a one-cycle schedule
-     peaking at ``peak_lr_scale`` times the recipe's learning rate (fresh optimizer state);
+   - *retrain fast*: ``budget * T`` steps on the remaining data with a one-cycle schedule
+     peaking at ``peak_lr_scale`` times the recipe's learning rate (fresh optimizer state): Adam
+     for the built-in recipes, the user's optimizer where the recipe names one
+     (:func:`phase_optimizer`; a ready ``GradientTransformation`` keeps its own schedule);
    - *calibrate*: the retrained model is as over-confident on unseen data as the original (both
      ran the full recipe); a short run is not. The output logits are scaled by one temperature
      ``tau`` (the last layer's kernel and bias, which scales the logits of a final linear layer
@@ -62,6 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from .adapters import find_head, scale_group
 from .aot import aot, finite, timed
 from .models import Objective
 from .problem import MethodOutput, keep_mask
@@ -216,20 +219,18 @@ def fit_temperature(logits: jax.Array, y: jax.Array, target: jax.Array, iters: i
     return jnp.exp(lt)
 
 
-def scale_head(params: Params, tau, head: str | None = None) -> Params:
-    """Multiply the last top-level module's leaves (a final linear layer's kernel and bias) by ``tau``."""
-    head = head or list(params.keys())[-1]
-    return {**params, head: jax.tree.map(lambda a: (a * tau).astype(a.dtype), params[head])}
-
-
 def calibrate(objective: Objective, params: Params, reference: Params, x_val, y_val,
-              head: str | None = None) -> tuple[Params, jax.Array]:
-    """``(params', tau)``: ``params`` with its head scaled by the temperature that makes its mean
-    held-out loss on ``(x_val, y_val)`` that of ``reference`` (:func:`fit_temperature`,
-    :func:`scale_head`; predictions unchanged)."""
+              head: str | tuple[str, ...] | None = None) -> tuple[Params, jax.Array]:
+    """``(params', tau)``: ``params`` with its head -- the parameter group that produces the
+    logits, named by ``head`` (a key path, or one top-level key) or, when None, found from the
+    model (:func:`~mini_unlearn_jax.core.adapters.find_head`, eagerly: not under ``jit``) --
+    scaled by the temperature that makes its mean held-out loss on ``(x_val, y_val)`` that of
+    ``reference`` (:func:`fit_temperature`; predictions unchanged)."""
+    if head is None:
+        head = find_head(objective.apply_fn, params, x_val)
     target = jnp.mean(objective.losses(reference, x_val, y_val))
-    tau = fit_temperature(objective.apply_fn(params, x_val), y_val, target)
-    return scale_head(params, tau, head), tau
+    tau = fit_temperature(objective.logits(params, x_val), y_val, target)
+    return scale_group(params, head, tau), tau
 
 
 def keep_batches(key: jax.Array, keep: jax.Array, steps: int, batch_size: int) -> jax.Array:
@@ -247,15 +248,28 @@ def keep_batches(key: jax.Array, keep: jax.Array, steps: int, batch_size: int) -
     return jax.lax.map(one, jnp.arange(steps))
 
 
-def adam_phase(objective: Objective, params: Params, x, y, keep, key, *, steps: int, batch_size: int,
-               learning_rate, loss_fn=None, record: tuple[TrajectoryState, jax.Array] | None = None):
-    """``steps`` Adam steps on mini-batches of the kept rows (``learning_rate``: a float or an optax
-    schedule); ``loss_fn(params, xb, yb)`` defaults to the objective's batch loss + penalty.
+def phase_optimizer(cfg: TrainConfig, learning_rate) -> optax.GradientTransformation:
+    """The optimizer of the retraining phase for the recipe ``cfg``: the library's Adam at
+    ``learning_rate`` (a float or an optax schedule) for the built-in recipes, the user's factory
+    called with it, or the user's ``GradientTransformation`` as it is (``learning_rate`` unused:
+    it carries its own schedule)."""
+    if isinstance(cfg.optimizer, optax.GradientTransformation):
+        return cfg.optimizer
+    if callable(cfg.optimizer):
+        return cfg.optimizer(learning_rate)
+    return optax.adam(learning_rate)
+
+
+def retrain_phase(objective: Objective, params: Params, x, y, keep, key, *, steps: int, batch_size: int,
+                  optimizer: optax.GradientTransformation, loss_fn=None,
+                  record: tuple[TrajectoryState, jax.Array] | None = None):
+    """``steps`` steps of ``optimizer`` (fresh state) on mini-batches of the kept rows;
+    ``loss_fn(params, xb, yb)`` defaults to the objective's batch loss + penalty.
 
     ``record = (state, write_at)``: also write the parameters after phase step ``t`` (1-based) into
     slot ``i`` of the trajectory buffer ``state`` where ``write_at[i] == t`` (0: never). Returns the
     parameters, or ``(parameters, state)`` with ``record``."""
-    opt = optax.adam(learning_rate)
+    opt = optimizer
     loss_fn = loss_fn or (lambda p, xb, yb: objective.data_loss(p, xb, yb) + objective.penalty(p))
     idx = keep_batches(key, keep, steps, batch_size)
     trace, write_at = record if record is not None else (None, None)
@@ -340,7 +354,9 @@ class TrajectoryConfig:
       peak_lr_scale: one-cycle peak learning rate as a multiple of the recipe's.
       calibrate: scale the output logits to the original model's held-out loss.
       max_eval: the forget set is subsampled to at most this many examples for the gaps.
-      head: the top-level parameter entry that holds the final linear layer (None: the last).
+      head: the parameter group that produces the logits, as a key path (``("head",)``) or one
+        top-level key; None: found from the model by probing it
+        (:func:`~mini_unlearn_jax.core.adapters.find_head`), never from the order of the dict.
       seed: seeds the mini-batch order and the forget-set subsample.
       rewind_at: if set, skip the rule and rewind to the latest snapshot at or before this step
         (for ablations).
@@ -352,7 +368,7 @@ class TrajectoryConfig:
     peak_lr_scale: float = 8.0
     calibrate: bool = True
     max_eval: int = 256
-    head: str | None = None
+    head: str | tuple[str, ...] | None = None
     seed: int = 0
     rewind_at: int | None = None
 
@@ -417,8 +433,8 @@ def trajectory_unlearn(objective: Objective, cfg: TrainConfig, config: Trajector
     lr = optax.cosine_onecycle_schedule(steps, config.peak_lr_scale * cfg.learning_rate)
     write_at = phase_schedule(traj.steps, k, steps)
     record = (rewound_trajectory(traj, k, start, write_at), write_at)
-    out, trace = adam_phase(objective, start, x, y, keep, jax.random.key(config.seed), steps=steps,
-                            batch_size=cfg.batch_size, learning_rate=lr, record=record)
+    out, trace = retrain_phase(objective, start, x, y, keep, jax.random.key(config.seed), steps=steps,
+                               batch_size=cfg.batch_size, optimizer=phase_optimizer(cfg, lr), record=record)
     tau = jnp.ones((), jnp.float32)
     if config.calibrate:
         out, tau = calibrate(objective, out, params, x_val, y_val, config.head)
@@ -459,6 +475,8 @@ def run_trajectory(problem, forget, *, trajectory: TrajectoryState, x_val, y_val
     """
     n = int(problem.x.shape[0])
     cfg = problem.train_config
+    if config.calibrate and config.head is None:  # the jitted program needs the head as a static path
+        config = dataclasses.replace(config, head=find_head(problem.objective.apply_fn, problem.params, x_val))
     fidx, fmask = forget_sample(forget, n, config.max_eval, config.seed)
     K = int(trajectory.steps.shape[0])
     prof = jnp.full((K,), -jnp.inf, jnp.float32) if profile is None else jnp.asarray(profile, jnp.float32)
@@ -470,7 +488,8 @@ def run_trajectory(problem, forget, *, trajectory: TrajectoryState, x_val, y_val
     info = {"rewind_step": int(res.rewind_step), "rewind_index": int(res.rewind_index),
             "gaps": [float(v) for v in np.asarray(res.gaps)], "tau": float(res.tau), "steps": res.steps,
             "snapshot_steps": [int(s) for s in np.asarray(trajectory.steps)], "budget": config.budget,
-            "gap_se": [float(v) for v in np.asarray(res.gap_se)]}
+            "gap_se": [float(v) for v in np.asarray(res.gap_se)],
+            "head": None if config.head is None else list(np.atleast_1d(config.head).tolist())}
     k = info["rewind_index"]
     reason = (f"rewound to step {info['rewind_step']} (memorisation gap {info['gaps'][k]:+.3f}, held-out "
               f"standard error {info['gap_se'][k]:.3f}, threshold {config.threshold:g}), retrained {res.steps} "
@@ -482,7 +501,8 @@ def run_trajectory(problem, forget, *, trajectory: TrajectoryState, x_val, y_val
 
 @functools.partial(jax.jit, static_argnames=("objective", "steps", "batch_size", "lr"))
 def _plain(objective: Objective, steps: int, batch_size: int, lr: float, params, x, y, keep, key):
-    return adam_phase(objective, params, x, y, keep, key, steps=steps, batch_size=batch_size, learning_rate=lr)
+    return retrain_phase(objective, params, x, y, keep, key, steps=steps, batch_size=batch_size,
+                         optimizer=optax.adam(lr))
 
 
 def _run_plain(problem, forget, start, steps: int, label: str, seed: int = 0):
@@ -531,14 +551,14 @@ def _scrub(objective: Objective, steps: int, max_steps: int, batch_size: int, lr
     def body(c, ti):
         p, s = c
         t, br, bf = ti
-        zt_f = objective.apply_fn(teacher, x[bf])
-        gmax = jax.grad(lambda q: -_kl_teacher_student(zt_f, objective.apply_fn(q, x[bf])))(p)
+        zt_f = objective.logits(teacher, x[bf])
+        gmax = jax.grad(lambda q: -_kl_teacher_student(zt_f, objective.logits(q, x[bf])))(p)
         u, s2 = opt.update(gmax, s, p)
         p, s = jax.tree.map(lambda a, b: jnp.where(t < max_steps, a, b), (optax.apply_updates(p, u), s2), (p, s))
-        zt_r = objective.apply_fn(teacher, x[br])
+        zt_r = objective.logits(teacher, x[br])
 
         def lmin(q):
-            zs = objective.apply_fn(q, x[br])
+            zs = objective.logits(q, x[br])
             ce = jnp.mean(jax.vmap(objective.example_loss)(zs, y[br]))
             return _kl_teacher_student(zt_r, zs) + gamma * ce + objective.penalty(q)
 
@@ -604,7 +624,7 @@ def run_salun(problem, forget, *, steps: int, lr: float, sparsity: float = 0.5, 
     """SalUn, compact: random-label fine-tuning restricted to the salient half of the weights."""
     cfg = problem.train_config
     n = int(problem.x.shape[0])
-    num_classes = int(problem.objective.apply_fn(problem.params, problem.x[:1]).shape[-1])
+    num_classes = int(problem.objective.logits(problem.params, problem.x[:1]).shape[-1])
     dyn = (problem.params, problem.x, problem.y, jnp.asarray(keep_mask(n, forget)), jax.random.key(seed + 3))
     static = (problem.objective, int(steps), cfg.batch_size, float(lr), float(sparsity), num_classes)
     compiled, c = aot(_salun, static, dyn)
@@ -622,12 +642,14 @@ def run_salun(problem, forget, *, steps: int, lr: float, sparsity: float = 0.5, 
 def needs_trajectory(problem) -> str | None:
     """Why trajectory unlearning does not apply to ``problem`` (None: it does)."""
     if "trajectory" not in problem.extras:
-        return ("it reads a trajectory buffer, Problem.extras['trajectory'] (a TrajectoryData: train with "
-                "train_with_trajectory; `mini-unlearn train --model mlp` saves one)")
+        return ("it reads a trajectory buffer kept during training, and this model kept none: thread "
+                "trajectory_buffer(log_schedule(steps, 12)) through your training loop (or train with "
+                "Trainer(..., trajectory=...); `mini-unlearn train --model mlp` keeps one) and pass it to "
+                "make_problem(..., trajectory=buffer, heldout=(x_val, y_val))")
     cfg = problem.recipe
     if cfg is None or cfg.batch_size is None or cfg.optimizer == "lbfgs":
-        return ("it retrains with the recipe's mini-batch optimizer, so Problem.train_config must be a "
-                "mini-batch adam or sgd TrainConfig")
+        return ("it retrains with the recipe's mini-batch optimizer, so the recipe must be a mini-batch "
+                "TrainConfig (adam, sgd or your own optax optimizer, with batch_size and steps)")
     return None
 
 

@@ -380,7 +380,7 @@ def shadow_logit_confidence(objective: Objective, shadow_params: Params, x: Any,
     """:func:`logit_confidence` of every shadow on every example: ``[num_shadows, n]``."""
     x = jnp.asarray(x)
     y = jnp.asarray(y)
-    fn = jax.jit(jax.vmap(lambda p: logit_confidence(objective.apply_fn(p, x), y)))
+    fn = jax.jit(jax.vmap(lambda p: logit_confidence(objective.logits(p, x), y)))
     return np.asarray(fn(shadow_params), dtype=np.float64)
 
 

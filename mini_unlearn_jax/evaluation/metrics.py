@@ -14,7 +14,7 @@ from ..core.models import Objective
 
 @functools.partial(jax.jit, static_argnames=("objective",))
 def _log_softmax(objective: Objective, params, xb):
-    return jax.nn.log_softmax(objective.apply_fn(params, xb), axis=-1)
+    return jax.nn.log_softmax(objective.logits(params, xb), axis=-1)
 
 
 def log_probs(objective: Objective, params, x, chunk: int = 8192) -> np.ndarray:

@@ -210,7 +210,7 @@ def train_shadow_set(
 
 
 def _target_phi(objective: Objective, params: Params, x: Any, y: Any) -> np.ndarray:
-    fn = jax.jit(lambda p, xb, yb: A.logit_confidence(objective.apply_fn(p, xb), yb))
+    fn = jax.jit(lambda p, xb, yb: A.logit_confidence(objective.logits(p, xb), yb))
     return np.asarray(fn(params, jnp.asarray(x), jnp.asarray(y)), np.float64)
 
 
