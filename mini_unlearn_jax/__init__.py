@@ -64,6 +64,7 @@ _LAZY = {
     "AuditReport": "evaluation.audit", "audit_params": "evaluation.audit",
     # checkpoints and data
     "Run": "app.checkpoint", "load_run": "app.checkpoint", "save_run": "app.checkpoint",
+    "save_problem": "app.checkpoint",
     "audit_run": "app.audit", "retire_run": "app.retire",
     "DataError": "app.data", "Dataset": "app.data", "load_dataset": "app.data",
 }
@@ -98,6 +99,6 @@ __all__ = [
     # evaluation
     "attacks", "privacy", "agreement", "mean_kl", "predict_probs", "rel_param_error", "AuditReport", "audit_params",
     # checkpoints, data, deletion
-    "Run", "load_run", "save_run", "audit_run", "retire_run", "DataError", "Dataset", "load_dataset",
+    "Run", "load_run", "save_run", "save_problem", "audit_run", "retire_run", "DataError", "Dataset", "load_dataset",
 ]
 __version__ = "0.1.0"

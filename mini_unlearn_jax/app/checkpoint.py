@@ -52,7 +52,7 @@ import numpy as np
 
 from ..core import linalg as cv
 from ..core.models import Objective, build_model, init_params, make_objective
-from ..core.snapshots import snapshot_buffer
+from ..core.snapshots import TrajectoryState, snapshot_buffer
 from ..core.training import TrainConfig, make_optimizer
 from .markers import (  # noqa: F401  (re-exported: ck.read_marker, ck.MARKER_NAME, ck.CheckpointError, ...)
     MARKER_FORMAT,
@@ -86,21 +86,25 @@ class Run(NamedTuple):
     objective: Objective
     model: Any
     params0: Any = None
-    trajectory: Any = None  # a TrajectoryState (trajectory buffer) when the run kept one (the CLI's MLPs)
+    trajectory: Any = None  # a TrajectoryState (trajectory buffer) when the run kept one
+    heldout: Any = None  # (x_val, y_val) saved with your own model's trajectory (CLI runs save indices)
+    profile: Any = None  # the trajectory's memorisation profile as saved (your own model's runs)
 
     @property
     def train_config(self) -> TrainConfig | None:
         """The recipe as data, when the run recorded one (CLI runs always do)."""
         cfg = self.meta.get("train_config")
-        return TrainConfig(**cfg) if cfg is not None else None
+        if cfg is None or self.meta.get("custom_optimizer"):  # your own optax optimizer: pass recipe= back
+            return None
+        return TrainConfig(**cfg)
 
     def problem(self, x, y, recipe=None, *, val=None):
         """The :class:`~mini_unlearn_jax.core.problem.Problem` of this run on its training data
         ``(x, y)`` (the rows still alive). ``recipe`` (a TrainConfig or a function, see Problem)
         replaces the recorded train_config. A CLI run without saved ``params0`` gets them from
         its model and seed, as training did. With a trajectory buffer and ``val`` (the held-out
-        ``(x_val, y_val)`` recorded at training), ``extras["trajectory"]`` is filled, so ``mini``
-        runs trajectory unlearning."""
+        ``(x_val, y_val)`` recorded at training; a run of your own model saved them), ``extras
+        ["trajectory"]`` is filled, so trajectory unlearning applies."""
         from ..core.problem import Problem
         from ..core.trajectory import TrajectoryData
 
@@ -109,8 +113,9 @@ class Run(NamedTuple):
         if params0 is None and self.model is not None:
             params0 = init_params(self.model, np.asarray(x[0]), self.train_config.seed)
         extras = {}
+        val = val if val is not None else self.heldout
         if self.trajectory is not None and val is not None:
-            profile = self.meta.get("trajectory", {}).get("profile")
+            profile = self.profile if self.profile is not None else self.meta.get("trajectory", {}).get("profile")
             extras["trajectory"] = TrajectoryData(self.trajectory, jnp.asarray(val[0]), jnp.asarray(val[1]),
                                                   None if profile is None else jnp.asarray(profile, jnp.float32))
         return Problem(self.objective, recipe, params0, self.params, self.snapshots, self.stats,
@@ -125,7 +130,7 @@ def _qualname(fn) -> str:
 def describe_objective(objective: Objective) -> dict:
     """What save_run records of an objective, and load_run checks against the one passed back."""
     return {"kind": objective.kind, "l2": float(objective.l2), "example_loss": _qualname(objective.example_loss),
-            "l2_mask": _qualname(objective.l2_mask)}
+            "l2_mask": _qualname(objective.l2_mask), "convex": bool(objective.convex)}
 
 
 def _shape_tree(tree):
@@ -160,11 +165,20 @@ def _abstract(meta: dict):
 def _abstract_custom(meta: dict, like):
     """The abstract tree of a run of your own model, from the parameter tree ``like``."""
     params = _shape_tree(like)
-    tree = {"params": params, "snapshots": jax.eval_shape(snapshot_buffer(int(meta["snapshot_size"])).init, params)}
+    tree = {"params": params}
+    if meta["snapshot_size"]:
+        tree["snapshots"] = jax.eval_shape(snapshot_buffer(int(meta["snapshot_size"])).init, params)
     if meta.get("has_params0"):
         tree["params0"] = params
     if meta.get("has_stats"):
         tree["stats"] = cv.EKFAC(*(jax.ShapeDtypeStruct(tuple(s), np.float32) for s in meta["stats_shapes"]))
+    if meta.get("trajectory"):
+        K = int(meta["trajectory"]["size"])
+        stack = lambda a: jax.ShapeDtypeStruct((K,) + tuple(a.shape), a.dtype)
+        tree["trajectory"] = {"steps": jax.ShapeDtypeStruct((K,), np.int32), "params": jax.tree.map(stack, params),
+                              "profile": jax.ShapeDtypeStruct((K,), np.float32)}
+        h = meta["trajectory"]["heldout"]
+        tree["heldout"] = {k: jax.ShapeDtypeStruct(tuple(h[k]["shape"]), np.dtype(h[k]["dtype"])) for k in ("x", "y")}
     return tree
 
 
@@ -437,39 +451,57 @@ def write_dir_atomic(path: str | os.PathLike, fill: Callable[[Path], None], *, k
     return path
 
 
-def save_run(path: str | os.PathLike, *, params, snapshots, stats=None, removed=(), meta: dict | None = None,
+def save_run(path: str | os.PathLike, *, params, snapshots=None, stats=None, removed=(), meta: dict | None = None,
              opt_state=None, params0=None, objective: Objective | None = None, trajectory=None,
+             heldout=None, profile=None, recipe: TrainConfig | None = None,
              overwrite: bool | None = None, extra_files: dict[str, str] | None = None) -> Path:
     """Write a run directory atomically (write_dir_atomic; its marker's kind is ``meta["kind"]``).
 
     For your own model: pass ``objective`` (its description is recorded and checked when the run
-    is loaded back), ``params0`` (retraining and DeltaGrad start from it) and, in ``meta``, any
-    JSON-able fields you like (a ``train_config`` dict makes the recipe available as data).
-    The optimizer state is saved only for the CLI's models (whose structure the metadata
-    rebuilds). ``trajectory``: a TrajectoryState to keep (the CLI's MLP runs; its schedule, held-out
-    indices and profile go in ``meta["trajectory"]``). ``overwrite`` as in check_output_dir: only a replaceable result of this tool
+    is loaded back), ``params0`` (retraining starts from it), ``recipe`` (a TrainConfig; with
+    your own optax optimizer its other fields are recorded and :func:`load_run`'s caller passes
+    it back), ``opt_state`` (restored when load_run is given its abstract tree), ``trajectory``
+    with the ``heldout`` set ``(x_val, y_val)`` it reads and its ``profile`` (what
+    :func:`~mini_unlearn_jax.core.unlearning.make_problem` computed; see :func:`save_problem`),
+    and, in ``meta``, any JSON-able fields you like. The CLI's MLP runs keep a ``trajectory``
+    too, with its schedule, held-out indices and profile in ``meta["trajectory"]``. ``overwrite`` as in check_output_dir: only a replaceable result of this tool
     holding nothing else is ever replaced, a trained run never. ``extra_files`` (name -> text)
     are written inside it before it appears."""
     import orbax.checkpoint as ocp
 
     meta = dict(meta or {})
     builtin = meta.get("model") in BUILTIN_MODELS
+    if recipe is not None:
+        cfg = dataclasses.asdict(recipe)
+        if not isinstance(recipe.optimizer, str):  # your own optax optimizer: recorded by name only
+            cfg["optimizer"] = _qualname(recipe.optimizer)
+            meta["custom_optimizer"] = True
+        meta["train_config"] = cfg
     if not builtin:
         meta.setdefault("model", "custom")
-        if opt_state is not None:
-            raise ValueError("save_run: the optimizer state of your own model cannot be restored without its "
-                             "structure; pass opt_state=None (unlearning does not need it)")
         if objective is None:
             raise ValueError("save_run: for your own model pass objective= so that load_run can check that the "
                              "objective you restore against is the one the model was trained with")
-    if (trajectory is not None) != bool(meta.get("trajectory")) or (trajectory is not None and not builtin):
-        raise ValueError("save_run: a trajectory buffer is kept for the CLI's models only, with its schedule, "
-                         "held-out indices and profile in meta['trajectory']")
+        if trajectory is not None:
+            if heldout is None or profile is None:
+                raise ValueError("save_run: a trajectory buffer is saved with the held-out set it reads and its "
+                                 "profile: pass heldout=(x_val, y_val) and profile= (save_problem does both)")
+            meta["trajectory"] = {"size": int(np.shape(trajectory.steps)[0]),
+                                  "heldout": {k: {"shape": list(np.shape(a)), "dtype": str(np.asarray(a).dtype)}
+                                              for k, a in zip(("x", "y"), heldout, strict=True)}}
+    elif (trajectory is not None) != bool(meta.get("trajectory")):
+        raise ValueError("save_run: a CLI run's trajectory buffer goes with its schedule, held-out indices and "
+                         "profile in meta['trajectory']")
+    if builtin and opt_state is None:
+        raise ValueError("save_run: a CLI run saves its optimizer state")
     if stats is not None and not isinstance(stats, cv.EKFAC):
         raise ValueError(f"save_run: stats must be EKFAC statistics (fit_stats) or None, got {type(stats).__name__}")
     removed = np.asarray(removed, np.int32).reshape(-1)
     meta = dict(meta, format_version=FORMAT_VERSION, has_stats=stats is not None, has_params0=params0 is not None,
-                n_removed_total=int(removed.size), snapshot_size=int(np.shape(snapshots.steps)[0]))
+                has_opt_state=opt_state is not None, n_removed_total=int(removed.size),
+                snapshot_size=0 if snapshots is None else int(np.shape(snapshots.steps)[0]))
+    if builtin and snapshots is None:
+        raise ValueError("save_run: a CLI run saves its snapshot buffer")
     if objective is not None:
         meta["objective"] = describe_objective(objective)
     if stats is not None:
@@ -480,7 +512,9 @@ def save_run(path: str | os.PathLike, *, params, snapshots, stats=None, removed=
         raise ValueError(f"save_run: meta must be JSON-serialisable ({e})") from e
 
     def fill(tmp: Path) -> None:
-        tree = {"params": params, "snapshots": snapshots}
+        tree = {"params": params}
+        if snapshots is not None:
+            tree["snapshots"] = snapshots
         if builtin:
             tree["opt_state"] = opt_state
         if stats is not None:
@@ -489,9 +523,15 @@ def save_run(path: str | os.PathLike, *, params, snapshots, stats=None, removed=
             tree["params0"] = params0
         if trajectory is not None:
             tree["trajectory"] = {"steps": trajectory.steps, "params": trajectory.params}
+            if not builtin:
+                tree["trajectory"]["profile"] = jnp.asarray(profile, jnp.float32)
+                tree["heldout"] = {"x": jnp.asarray(heldout[0]), "y": jnp.asarray(heldout[1])}
+        items = {"state": ocp.args.StandardSave(tree),
+                 "meta": ocp.args.JsonSave(json.loads(json.dumps(meta, default=_json_default)))}
+        if opt_state is not None and not builtin:  # its own item: restored only when its structure is given
+            items["opt_state"] = ocp.args.StandardSave(opt_state)
         mgr = ocp.CheckpointManager(tmp / "ckpt", options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
-        mgr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
-                                            meta=ocp.args.JsonSave(json.loads(json.dumps(meta, default=_json_default)))))
+        mgr.save(0, args=ocp.args.Composite(**items))
         mgr.wait_until_finished()
         mgr.close()
         np.save(tmp / "removed.npy", removed, allow_pickle=False)
@@ -611,13 +651,14 @@ def read_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
-def load_run(path: str | os.PathLike, *, objective: Objective | None = None, like=None) -> Run:
+def load_run(path: str | os.PathLike, *, objective: Objective | None = None, like=None, opt_like=None) -> Run:
     """Restore a run directory (read only: nothing in it is modified).
 
     A CLI run rebuilds its model and objective from the metadata. A run of your own model needs
     ``objective`` (checked against the description save_run recorded) and ``like``, your
     parameter tree or its abstract version (``jax.eval_shape`` of your init), which fixes the
-    structure the arrays are restored into."""
+    structure the arrays are restored into; its optimizer state is restored when ``opt_like``
+    gives its structure (``jax.eval_shape(optimizer.init, like)``), else ``Run.opt_state`` is None."""
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
@@ -644,7 +685,10 @@ def load_run(path: str | os.PathLike, *, objective: Objective | None = None, lik
         step = mgr.latest_step()
         if step is None:
             raise CheckpointError(f"{path}/ckpt holds no complete checkpoint; retrain into a new directory")
-        restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        items = {"state": ocp.args.StandardRestore(abstract)}
+        if meta.get("has_opt_state") and opt_like is not None and meta["model"] not in BUILTIN_MODELS:
+            items["opt_state"] = ocp.args.StandardRestore(_shape_tree(opt_like))
+        restored = mgr.restore(step, args=ocp.args.Composite(**items))
         mgr.close()
     except CheckpointError:
         raise
@@ -665,10 +709,33 @@ def load_run(path: str | os.PathLike, *, objective: Objective | None = None, lik
     if removed.shape != (int(meta.get("n_removed_total", 0)),):
         raise CheckpointError(f"{path}/removed.npy holds {removed.size} indices but run.json records "
                               f"{meta.get('n_removed_total')}; the run is corrupted")
-    trajectory = None
+    trajectory = heldout = profile = None
     if "trajectory" in state:
-        from ..core.snapshots import TrajectoryState
-
         trajectory = TrajectoryState(state["trajectory"]["steps"], state["trajectory"]["params"], ())
-    return Run(state["params"], state.get("opt_state"), state["snapshots"], stats, removed, meta, objective, model,
-               state.get("params0"), trajectory)
+        profile = state["trajectory"].get("profile")
+    if "heldout" in state:
+        heldout = (state["heldout"]["x"], state["heldout"]["y"])
+    opt_state = state.get("opt_state")
+    if "opt_state" in items:
+        opt_state = restored["opt_state"]
+    return Run(state["params"], opt_state, state.get("snapshots"), stats, removed, meta, objective, model,
+               state.get("params0"), trajectory, heldout, profile)
+
+
+def save_problem(path: str | os.PathLike, problem, *, opt_state=None, meta: dict | None = None,
+                 overwrite: bool | None = None) -> Path:
+    """Save what :func:`~mini_unlearn_jax.core.unlearning.unlearn` reads of your own model --
+    parameters, ``params0``, the snapshot buffer, the curvature statistics, the trajectory buffer
+    with its held-out set and profile, the recipe -- and, if given, the optimizer state, as a run
+    directory (:func:`save_run`). The training data is not saved: pass it back to
+    ``load_run(...).problem(x, y)``, where a problem restored in another process unlearns to the
+    same parameters, bit for bit, as the one in memory."""
+    from ..core.training import TrainConfig as _TC
+
+    traj = problem.extras.get("trajectory")
+    recipe = problem.train_config if isinstance(problem.train_config, _TC) else None
+    return save_run(path, params=problem.params, snapshots=problem.snapshots, stats=problem.stats,
+                    params0=problem.params0, objective=problem.objective, opt_state=opt_state, recipe=recipe,
+                    trajectory=None if traj is None else traj.state,
+                    heldout=None if traj is None else (traj.x_val, traj.y_val),
+                    profile=None if traj is None else traj.profile, meta=meta, overwrite=overwrite)
