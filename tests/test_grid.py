@@ -326,7 +326,8 @@ def test_fresh_never_deletes_a_results_jsonl_it_did_not_write(tmp_path):
 def test_an_mlp_entry_is_trajectory_unlearned_as_in_the_cli_and_scored_without_its_held_out_split(tmp_path):
     """By default an MLP under a mini-batch recipe keeps a trajectory buffer (the CLI's rule), so
     ``mini`` is trajectory unlearning, and every test metric leaves out the held-out test images it
-    reads; ``trajectory = false`` gives the fixed-point solver on the whole test set."""
+    reads; ``trajectory = false`` scores on the whole test set, and there ``mini`` does not apply (the
+    fixed point of a network is its trained model: the row says so instead of reporting a no-op)."""
     from mini_unlearn_jax.app import recipes
     from mini_unlearn_jax.evaluation import metrics as mt
 
@@ -334,10 +335,14 @@ def test_an_mlp_entry_is_trajectory_unlearned_as_in_the_cli_and_scored_without_i
     rows = {}
     for traj in ("auto", False):
         model = entry if traj == "auto" else dict(entry, trajectory=False)
-        cfg = GridConfig(out=str(tmp_path / str(traj)), seeds=[0], ratios=[0.1], methods=["mini"], models=[model],
-                         mia=False)
-        (rows[traj],) = [r for r in run_grid(cfg, command="test", log=lambda *_: None) if r["method"] == "mini"]
-    assert rows["auto"]["info"]["solver"] == "trajectory" and rows[False]["info"]["solver"] == "fixed-point"
+        cfg = GridConfig(out=str(tmp_path / str(traj)), seeds=[0], ratios=[0.1], methods=["mini", "finetune"],
+                         models=[model], mia=False)
+        out = {r["method"]: r for r in run_grid(cfg, command="test", log=lambda *_: None)}
+        rows[traj] = out["mini"] if traj == "auto" else out["finetune"]
+        if traj is False:
+            assert not out["mini"]["converged"] and "not applicable" in out["mini"]["reason"]
+            assert "not known to be convex" in out["mini"]["reason"]
+    assert rows["auto"]["info"]["solver"] == "trajectory"
     tr = recipes.build_problem(DATA, "mlp", 1e-3, 0, hidden=8, steps=30, trajectory=True)
     ds, vi = tr.dataset, tr.val_indices
     assert len(vi) == 50  # min(500, n_test // 2) of the 100 test images

@@ -16,7 +16,7 @@ converge (report.json says why; no model is saved), 3 audit FAIL (a stored artef
 remembers the forget set better than its model does), 130 interrupted (nothing written).
 Each command prints one summary line on stdout (audit: a table of its rows, then the verdict
 line); progress goes to stderr. report.json's fields
-are documented in the README ("What report.json holds").
+are documented in docs/cli.md ("What report.json holds").
 """
 
 from __future__ import annotations
