@@ -377,3 +377,20 @@ def test_nnx_training_mode_is_refused(layer, data):
 
 def test_model_is_a_named_tuple():
     assert Model._fields == ("apply_fn", "params", "rebuild", "kind")
+
+
+def test_the_trainer_keeps_a_snapshot_buffer_for_an_equinox_model():
+    """An equinox module is callable: its gradient (itself a module) must be stored, not called."""
+    import mini_unlearn_jax as mu
+
+    model = eqx.nn.MLP(4, 3, 8, 1, key=jax.random.key(0))
+    adapter = mu.as_model(model)
+    obj = mu.make_objective(adapter, 1e-4)
+    x = jax.random.normal(jax.random.key(1), (64, 4))
+    y = jnp.arange(64) % 3
+    cfg = mu.TrainConfig(optimizer="adam", steps=20, batch_size=16, snapshots=2, snapshot_every=10)
+    st = mu.Trainer(obj, cfg).fit(adapter.params, x, y)
+    newest = jax.tree.map(lambda a: a[(int(st.snapshots.count) - 1) % 2], st.snapshots.grads)
+    want = jax.grad(obj.data_loss)(st.params, x, y)
+    for a, b in zip(jax.tree.leaves(newest), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

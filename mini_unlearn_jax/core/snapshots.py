@@ -80,7 +80,10 @@ def snapshot_buffer(size: int, every: int = 1) -> SnapshotBuffer:
         take = jnp.logical_or(jnp.asarray(step) % every == 0, force)
 
         def write(s: SnapshotState) -> SnapshotState:
-            g = grads(params) if callable(grads) else grads
+            # a function of the parameters, unless it is itself a pytree of arrays (an equinox
+            # module is callable and is also the gradient of an equinox model)
+            is_fn = callable(grads) and not any(isinstance(a, jax.Array | np.ndarray) for a in jax.tree.leaves(grads))
+            g = grads(params) if is_fn else grads
             if jax.tree.structure(g) != jax.tree.structure(params) or any(
                     jnp.shape(a) != jnp.shape(b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(params), strict=True)):
                 raise ValueError("snapshot_buffer.update: the gradient must have the parameters' tree structure and "
