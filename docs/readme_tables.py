@@ -24,10 +24,10 @@ SEQUENTIAL = ROOT / "experiments/sequential_requests/results/results.json"
 
 
 def methods_table() -> str:
-    from mini_unlearn_jax.core import methods as M
+    import mini_unlearn_jax as mu
 
     rows = ["| method | what it does |", "|---|---|"]
-    rows += [f"| `{m.name}` | {m.summary} |" for m in (M.get_method(n) for n in M.METHODS)]
+    rows += [f"| `{m.name}` | {m.summary} |" for m in (mu.get_method(n) for n in mu.METHODS)]
     return "\n".join(rows)
 
 
@@ -92,7 +92,8 @@ def render(text: str) -> str:
         pat = re.compile(rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)", re.S)
         if not pat.search(text):
             raise SystemExit(f"README.md has no <!-- {name}:begin --> ... <!-- {name}:end --> block")
-        text = pat.sub(lambda m, body=make(): m.group(1) + body + "\n" + m.group(2), text)
+        body = make()
+        text = pat.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), text)
     return text
 
 
