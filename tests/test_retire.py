@@ -6,7 +6,6 @@ successors' ledgers name those paths as parents). The crash test kills a retire 
 at every filesystem step in turn and checks that each kill leaves one of the two complete states.
 """
 
-import errno
 import json
 import os
 import shutil
@@ -18,13 +17,16 @@ import jax
 import numpy as np
 import pytest
 
+from mini_unlearn_jax.app import atomic as at
 from mini_unlearn_jax.app import checkpoint as ck
 from mini_unlearn_jax.app import retire as rt
 from mini_unlearn_jax.app.cli import main
+from mini_unlearn_jax.app.markers import MARKER_NAME
+from mini_unlearn_jax.core import registry as R
 
 SPEC = "synthetic:n=300,n_test=100,d=5,classes=3,seed=1"
-linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux-only")
-RETIRED_FILES = {ck.MARKER_NAME, "removed.npy", "run.json", rt.TOMBSTONE_NAME}
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux-only")
+RETIRED_FILES = {MARKER_NAME, "removed.npy", "run.json", rt.TOMBSTONE_NAME}
 
 
 def snapshot(path: Path) -> dict:
@@ -120,8 +122,8 @@ def test_retire_deletes_the_model_keeps_the_ledger_and_the_successor(b, capsys):
     assert "already retired" in capsys.readouterr().out
     rt.retire_run(u, u2, reason="again")
     assert snapshot(u) == before
-    with pytest.raises(ck.OutputExistsError, match="retired run .* never overwritten"):
-        ck.check_output_dir(u, overwrite=True)
+    with pytest.raises(at.OutputExistsError, match="retired run .* never overwritten"):
+        at.check_output_dir(u, overwrite=True)
     assert main(["unlearn", "--run", str(b["t"]), "--ratio", "0.1", "--out", str(u), "--overwrite"]) == 1
     assert main(["unlearn", "--run", str(u), "--ratio", "0.1", "--out", str(b["runs"] / "x")]) == 1
     assert "was retired on" in capsys.readouterr().err and snapshot(u) == before
@@ -175,7 +177,7 @@ def _not_a_run(b, tmp):
 
 
 def _a_report(b, tmp):
-    return ck.write_files_atomic(tmp / "rep", {"report.json": "{}"}), b["u"], "not a trained or unlearned run"
+    return at.write_files_atomic(tmp / "rep", {"report.json": "{}"}), b["u"], "not a trained or unlearned run"
 
 
 @linux_only
@@ -195,34 +197,46 @@ def test_refusals_change_nothing(b, tmp_path, case):
 
 
 @linux_only
-def test_no_atomic_exchange_refuses_and_changes_nothing(b, monkeypatch):
-    def unsupported(a, c):
-        raise OSError(errno.EINVAL, "Invalid argument")
+def test_a_file_added_after_the_last_check_puts_the_run_back(b, monkeypatch):
+    real, calls = rt.check_retirable, []
 
-    monkeypatch.setattr(rt, "exchange", unsupported)
-    with pytest.raises(ck.CheckpointError, match="atomically"):
+    def racing(source):
+        marker = real(source)
+        calls.append(source)
+        if len(calls) == 2:  # the last check, just before the renames: then the user drops a file in
+            (Path(source) / "mine.txt").write_text("precious")
+        return marker
+
+    monkeypatch.setattr(rt, "check_retirable", racing)
+    with pytest.raises(ck.CheckpointError, match="mine.txt.*put back as it was"):
         rt.retire_run(b["t"], b["u"], reason="test")
-    assert_unchanged(b, "t", "u")
-    assert hidden(b["runs"]) == []
+    assert len(calls) == 2
+    after = snapshot(b["t"])
+    assert after.pop("mine.txt") == b"precious" and after == b["ref"]["t"][0]
+    assert hidden(b["runs"]) == []  # the aside copy went back, the build was removed
 
 
 @linux_only
-def test_a_file_added_during_the_exchange_puts_the_run_back(b, monkeypatch):
-    real, calls = rt.exchange, []
-
-    def racing(a, c):
-        if not calls:  # the user drops a file into the run just after the last check
-            (Path(c) / "mine.txt").write_text("precious")
-        calls.append((a, c))
-        real(a, c)
-
-    monkeypatch.setattr(rt, "exchange", racing)
-    with pytest.raises(ck.CheckpointError, match="mine.txt"):
-        rt.retire_run(b["t"], b["u"], reason="test")
-    assert len(calls) == 2  # exchanged, then exchanged back
-    after = snapshot(b["t"])
-    assert after.pop("mine.txt") == b"precious" and after == b["ref"]["t"][0]
-    assert hidden(b["runs"]) == []
+def test_a_retire_killed_between_its_renames_is_undone_by_the_next_touch(b):
+    """The state a kill between the two renames leaves (nothing at the run, the old run aside,
+    the retired build naming it as pending): loading the run puts it back, removes the build."""
+    t, runs = b["t"], b["runs"]
+    build = runs / ".t.retire-build"
+    build.mkdir()
+    marker = ck.read_marker(t)
+    rt._build_retired(build, t, ck.read_meta(t), marker, b["u"], "test", ".t.retire-aside")
+    os.rename(t, runs / ".t.retire-aside")
+    assert not t.exists()
+    assert params_bytes(ck.load_run(t)) == b["ref"]["t"][1]
+    assert_unchanged(b, "t")
+    assert hidden(runs) == []
+    # a build whose pending copy is gone (the retire went through, then the run was removed by
+    # you) is never a reason to bring anything back
+    build.mkdir()
+    rt._build_retired(build, t, ck.read_meta(t), marker, b["u"], "test", ".t.retire-gone")
+    os.rename(t, runs / ".t.retire-other")
+    at.recover(t)
+    assert not t.exists() and (runs / ".t.retire-other").is_dir()
 
 
 @linux_only
@@ -256,23 +270,22 @@ def test_a_deletion_cut_short_inside_the_checkpoint_is_finished_later(b, monkeyp
 
 
 def test_unlearn_retire_source(b, tmp_path, monkeypatch, capsys):
-    from mini_unlearn_jax.core import methods as M
 
     run, out = _copy(b["bak"] / "t", tmp_path / "t"), tmp_path / "out"
     (run / "notes.txt").write_text("mine")  # refused before any work: nothing written
     assert main(["unlearn", "--run", str(run), "--ratio", "0.1", "--out", str(out), "--retire-source"]) == 1
     assert "notes.txt" in capsys.readouterr().err and not out.exists()
     (run / "notes.txt").unlink()
-    real = M.run_method
+    real = R.run_method
 
     def failing(name, problem, forget, **kw):
         return real(name, problem, forget, **kw)._replace(converged=False, reason="test", params=problem.params)
 
-    monkeypatch.setattr(M, "run_method", failing)
+    monkeypatch.setattr(R, "run_method", failing)
     before = snapshot(run)
     assert main(["unlearn", "--run", str(run), "--ratio", "0.1", "--out", str(out), "--retire-source"]) == 2
     assert snapshot(run) == before  # did not converge: nothing is retired
-    monkeypatch.setattr(M, "run_method", real)
+    monkeypatch.setattr(R, "run_method", real)
     out2 = tmp_path / "out2"
     assert main(["unlearn", "--run", str(run), "--ratio", "0.1", "--out", str(out2), "--retire-source"]) == 0
     assert {e.name for e in run.iterdir()} == RETIRED_FILES and rt.read_retired(run)[1]["successor"] == str(out2)
@@ -283,9 +296,11 @@ def test_unlearn_retire_source(b, tmp_path, monkeypatch, capsys):
 
 # Runs retire_run in a fresh interpreter whose retire module calls os._exit(9) at the N-th
 # filesystem step: every os.fsync/unlink/rmdir/replace/rename and shutil.rmtree/copyfile the
-# module makes, its syncfs and its exchange. Prints the number of steps when not killed.
+# module makes (and atomic.py's two renames, and tombstone.py's deletion steps), and its os.sync.
+# Prints the number of steps when not killed.
 KILL_SCRIPT = r"""
 import os, shutil, sys
+from mini_unlearn_jax.app import atomic as at
 from mini_unlearn_jax.app import retire as rt
 from mini_unlearn_jax.app import tombstone as tb
 source, successor, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -304,10 +319,10 @@ class Proxy:
             setattr(self, name, killer(getattr(mod, name)))
     def __getattr__(self, name):
         return getattr(self._mod, name)
-rt.os = Proxy(os, ("fsync", "unlink", "rmdir", "replace", "rename"))
+rt.os = Proxy(os, ("fsync", "sync", "unlink", "rmdir", "replace", "rename"))
 rt.shutil = Proxy(shutil, ("rmtree", "copyfile"))
 tb.os, tb.shutil = rt.os, rt.shutil  # the deletion steps retire_run shares with finish_retire
-rt.exchange, rt._syncfs = killer(rt.exchange), killer(rt._syncfs)
+at.os, at.shutil = rt.os, rt.shutil  # the two renames (replace_by_renames)
 rt.retire_run(source, successor, reason="crash test")
 print("steps", count[0])
 """
@@ -325,7 +340,12 @@ def test_a_retire_killed_at_any_step_leaves_a_complete_state(built):
                               capture_output=True, text=True, timeout=240)
         assert proc.returncode in (0, 9), proc.stderr[-2000:]
         assert_unchanged(b, "u")  # the successor is complete and untouched at every instant
-        if rt.read_retired(t) is None:  # before the exchange: the run is exactly as it was
+        between = not t.exists()
+        if between:  # killed between the two renames: both copies complete beside the path ...
+            pending = [n for n in hidden(runs) if (runs / n / "ckpt").is_dir()]
+            assert len(pending) == 1 and snapshot(runs / pending[0]) == b["ref"]["t"][0]
+            assert ck.is_run(t)  # ... and the next touch puts the run back
+        if rt.read_retired(t) is None:  # before the second rename: the run is exactly as it was
             state = "intact"
             assert_unchanged(b, "t")
             assert params_bytes(ck.load_run(t)) == b["ref"]["t"][1]
@@ -340,11 +360,11 @@ def test_a_retire_killed_at_any_step_leaves_a_complete_state(built):
                 ck.load_run(t)  # ... which finishes the pending deletion
         assert_retired(b, "t", u) and hidden(runs) == []
         assert_unchanged(b, "u")
-        states.append(state)
+        states.append("between" if between else state)
         if proc.returncode == 0:
             break
     else:
         pytest.fail("the retire never completed")
     assert states[-1] == "retired" and len(states) >= 10, states  # >= 9 kills, then the run that completed
-    assert states.count("intact") >= 2 and states.count("retired") >= 6, states
+    assert states.count("intact") >= 2 and states.count("between") == 1 and states.count("retired") >= 6, states
     restore(b)

@@ -20,29 +20,20 @@ refusing an objective whose loss, penalty or L2 coefficient differs from the sav
     run = mu.load_run("run", objective=obj, like=w0)      # in another process
     problem = run.problem(x, y)                           # -> mu.run_method(name, problem, forget)
 
-Every directory the tool writes (run, unlearned result, failed unlearning's report, attack
-report) is written atomically by :func:`write_dir_atomic`: everything goes to a hidden sibling
-first, which gets the marker and is moved into place only once complete, so an interrupted
-write never leaves a directory that loads. Nothing the tool did not write is ever deleted or
-replaced: ``--overwrite`` replaces only a directory whose marker says it is a replaceable
-result (never a trained run) and that holds nothing but the entries the marker lists, and it
-does so by an atomic exchange (:func:`check_output_dir`, :func:`_move_into_place`).
+A run directory is written by :func:`~atomic.write_dir_atomic` (atomic.py, which states the
+protocol): built complete in a hidden sibling -- its ``ckpt/0`` committed by orbax's own rename
+of ``0.orbax-checkpoint-tmp`` on finalize, so :func:`load_run` (``latest_step``) never sees a
+half-written step -- then marked and renamed into place; ``--overwrite`` replaces only a
+replaceable result of ours holding nothing else, by two renames that :func:`~atomic.recover`
+finishes or undoes if interrupted. :func:`is_run` and :func:`read_meta` (so :func:`load_run`)
+call it first.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import errno
 import json
 import os
-import platform
-import secrets
-import shutil
-import sys
-import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -54,17 +45,8 @@ from ..core import linalg as cv
 from ..core.models import Objective, build_model, init_params, make_objective
 from ..core.snapshots import TrajectoryState, snapshot_buffer
 from ..core.training import TrainConfig, make_optimizer
-from .markers import (  # noqa: F401  (re-exported: ck.read_marker, ck.MARKER_NAME, ck.CheckpointError, ...)
-    MARKER_FORMAT,
-    MARKER_NAME,
-    TOOL,
-    CheckpointError,
-    _describe,
-    _foreign_entries,
-    _walk_entries,
-    _write_marker,
-    read_marker,
-)
+from .atomic import has_run_files, recover, write_dir_atomic
+from .markers import CheckpointError, read_marker
 from .tombstone import RETIRED_KIND, retired_error
 
 FORMAT_VERSION = 1
@@ -183,272 +165,9 @@ def _abstract_custom(meta: dict, like):
 
 
 def is_run(path: str | os.PathLike) -> bool:
-    return (Path(path) / "run.json").exists() and (Path(path) / "ckpt").exists()
-
-
-# -- output safety: checks, atomic writers ---------------------------------------------------
-#
-# Rule: never delete or replace anything this tool did not write. Every directory the tool
-# writes carries MARKER_NAME (markers.py), a JSON file naming the tool, the kind of output and
-# every entry the tool wrote there; --overwrite replaces only a directory whose marker says it
-# is a replaceable result and that holds nothing else.
-
-# kinds of output that `unlearn --overwrite` may replace; a trained run never is, nor an attack report
-REPLACEABLE_KINDS = ("unlearned", "unlearn-report")
-# never overwritten: a trained run, and a retired run (its deletion ledger and tombstone, see retire.py)
-NEVER_REPLACED_KINDS = ("trained", RETIRED_KIND)
-_KIND_WORDS = {"trained": "a trained run", "unlearned": "an unlearned result",
-               "unlearn-report": "an unlearning report (a method that did not converge)",
-               "attack": "a membership-inference attack report",
-               "retired": "a retired run (its deletion ledger and tombstone)"}
-PROBS_MARKER_KEY = "_mini_unlearn"  # the key that marks an --export-probs .npz as written by this tool
-
-
-class OutputExistsError(FileExistsError):
-    """An output path that must not be written or replaced; the message says what is there and what to do."""
-
-
-def _check_replaceable(path: Path, overwrite: bool | None, names: list[str]) -> None:
-    """Raise OutputExistsError unless the non-empty directory ``path`` may be replaced."""
-    marker = read_marker(path)
-    new_out = "choose a new --out (a new or empty directory)"
-    if marker is None:
-        if is_run(path):
-            try:
-                kind = json.loads((path / "run.json").read_text()).get("kind")
-            except (OSError, ValueError, AttributeError):
-                kind = None
-            if kind == "trained":
-                raise OutputExistsError(f"{path} holds a trained run, which is never overwritten; {new_out}")
-            raise OutputExistsError(
-                f"{path} holds a mini-unlearn run written without the {MARKER_NAME} marker (by an earlier version), "
-                f"so it is not known to hold only what mini-unlearn wrote and is not replaced; {new_out}, or delete "
-                "it yourself if you no longer need it")
-        raise OutputExistsError(f"{path} already exists and is not empty (it holds {_describe(names)}) and was not "
-                                f"written by mini-unlearn; it is never replaced -- {new_out}")
-    kind = marker["kind"]
-    what = _KIND_WORDS.get(kind, f"a mini-unlearn {kind!r} output")
-    if kind in NEVER_REPLACED_KINDS:
-        raise OutputExistsError(f"{path} holds {what}, which is never overwritten; {new_out}")
-    if marker.get("format_version") != MARKER_FORMAT:
-        raise OutputExistsError(f"{path} holds {what} written by another version of mini-unlearn (marker format "
-                                f"{marker.get('format_version')!r}); it is not replaced -- {new_out}")
-    if kind not in REPLACEABLE_KINDS:
-        raise OutputExistsError(f"{path} already exists and is not empty: it holds {what}, which is never replaced; "
-                                f"{new_out}")
-    foreign = _foreign_entries(path, marker)
-    if foreign:
-        raise OutputExistsError(f"{path} holds {what} of mini-unlearn but also {len(foreign)} "
-                                f"entr{'y' if len(foreign) == 1 else 'ies'} that mini-unlearn did not write "
-                                f"({_describe(foreign)}); it is not replaced, so nothing of yours is lost -- move "
-                                f"those out of it, or {new_out}")
-    if not overwrite:
-        raise OutputExistsError(f"{path} already holds {what}; choose a new --out"
-                                + (" or pass --overwrite to replace it" if overwrite is False else ""))
-
-
-def _protected(path: Path) -> str | None:
-    """Why ``path`` (an existing directory) must never be written over, or None."""
-    real = path.resolve()
-    cwd = Path.cwd().resolve()
-    if real == cwd:
-        return "is the current working directory"
-    if real in cwd.parents:
-        return "is a parent of the current working directory"
-    try:
-        if real == Path.home().resolve():
-            return "is your home directory"
-    except RuntimeError:  # no home directory known
-        pass
-    return None
-
-
-def check_output_dir(path: str | os.PathLike, *, overwrite: bool | None = None) -> str:
-    """Check that a directory output may be written at ``path``; raise OutputExistsError if not.
-
-    ``overwrite``: None for a command without an --overwrite option (train, attack), else the
-    option's value. Returns "absent" (nothing there), "empty" (an empty directory, which may be
-    replaced: it loses nothing) or "replace" (a complete replaceable result of this tool holding
-    nothing else, and ``overwrite`` is true). Refused: a symlink, a file, the current directory or
-    one of its parents, the home directory, a non-empty directory this tool did not write (or
-    that holds anything it did not write), a trained run, and any result unless ``overwrite``.
-    """
-    p = Path(path).absolute()
-    if os.path.islink(p):
-        raise OutputExistsError(f"{path} is a symbolic link (to {os.readlink(p)}); mini-unlearn neither writes "
-                                "through nor replaces links -- choose a new --out (a new or empty directory)")
-    if not os.path.lexists(p):
-        return "absent"
-    if not p.is_dir():
-        raise OutputExistsError(f"{path} exists and is not a directory (a file or other entry mini-unlearn did not "
-                                "write); it is never replaced -- choose a new --out (a new or empty directory)")
-    why = _protected(p)
-    if why:
-        raise OutputExistsError(f"{path} {why}; mini-unlearn never writes its output over it -- "
-                                "choose a new --out (a new or empty directory)")
-    names = sorted(os.listdir(p))
-    if not names:
-        return "empty"
-    _check_replaceable(p, overwrite, names)
-    return "replace"
-
-
-# Linux renameat2(2): atomic exchange of two paths, and rename that never replaces.
-AT_FDCWD = -100
-RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
-_SYS_RENAMEAT2 = {"x86_64": 316, "amd64": 316, "aarch64": 276, "arm64": 276}
-_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
-
-
-def _libc():
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _renameat2_syscall(src, dst, flags: int) -> int:
-    """renameat2 through syscall(2), for a libc without the wrapper (glibc < 2.28). Returns errno or 0."""
-    nr = _SYS_RENAMEAT2.get(platform.machine().lower())
-    if nr is None:
-        return errno.ENOSYS
-    libc = _libc()
-    libc.syscall.restype = ctypes.c_long
-    rc = libc.syscall(ctypes.c_long(nr), ctypes.c_int(AT_FDCWD), ctypes.c_char_p(os.fsencode(src)),
-                      ctypes.c_int(AT_FDCWD), ctypes.c_char_p(os.fsencode(dst)), ctypes.c_uint(flags))
-    return ctypes.get_errno() if rc != 0 else 0
-
-
-def _renameat2(src, dst, flags: int) -> None:
-    """renameat2(AT_FDCWD, src, AT_FDCWD, dst, flags); OSError (ENOSYS off Linux) on failure."""
-    if not sys.platform.startswith("linux"):
-        raise OSError(errno.ENOSYS, "renameat2 exists only on Linux", str(src), None, str(dst))
-    fn = getattr(_libc(), "renameat2", None)
-    if fn is None:
-        err = _renameat2_syscall(src, dst, flags)
-    else:
-        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-        fn.restype = ctypes.c_int
-        err = ctypes.get_errno() if fn(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), flags) != 0 else 0
-    if err:
-        raise OSError(err, os.strerror(err), str(src), None, str(dst))
-
-
-def exchange(a: str | os.PathLike, b: str | os.PathLike) -> None:
-    """Atomically swap two existing paths (Linux renameat2 RENAME_EXCHANGE): at every moment
-    both exist. OSError with errno EINVAL/ENOSYS/EOPNOTSUPP where the OS or filesystem cannot."""
-    _renameat2(a, b, RENAME_EXCHANGE)
-
-
-def _rename_noreplace(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst`` only if nothing is at ``dst`` (FileExistsError otherwise). Where
-    RENAME_NOREPLACE is unsupported: check, then rename (a directory rename still fails over a
-    non-empty directory; only an entry created in between could be replaced)."""
-    try:
-        _renameat2(src, dst, RENAME_NOREPLACE)
-        return
-    except OSError as e:
-        if e.errno not in _UNSUPPORTED:
-            raise
-    if os.path.lexists(dst):
-        raise FileExistsError(errno.EEXIST, "exists", str(dst))
-    os.rename(src, dst)
-
-
-def _umask() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)  # no /proc: read it by setting it (briefly; not thread-safe)
-    os.umask(mask)
-    return mask
-
-
-def _move_into_place(tmp: Path, path: Path, *, overwrite: bool | None = None) -> None:
-    """Put the complete directory ``tmp`` at ``path``, re-checking ``path`` first (check_output_dir).
-
-    Nothing there: rename that never replaces. An empty directory: rename(2), which replaces only
-    an empty directory (and fails if something was added meanwhile). A replaceable result: the
-    two are exchanged atomically (renameat2 RENAME_EXCHANGE), so the old result stays at
-    ``path`` until the new one is there; the old one, now at ``tmp``, is checked again to be a
-    result of ours holding nothing else and only then removed (if that check fails, the two are
-    swapped back and OutputExistsError raised). Where the exchange is unsupported (not Linux, or
-    a filesystem without it: EINVAL/ENOSYS), it falls back to two renames, old result aside and
-    new one in: between them, for a moment, nothing is at ``path``.
-    """
-    pause = os.environ.get("MINI_UNLEARN_TEST_PAUSE_BEFORE_RENAME")  # lets a test kill us mid-save
-    if pause:
-        time.sleep(float(pause))
-    state = check_output_dir(path, overwrite=overwrite)
-    if state in ("absent", "empty"):
-        try:
-            (_rename_noreplace if state == "absent" else os.rename)(tmp, path)
-        except OSError as e:
-            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
-                raise
-            raise OutputExistsError(f"{path} appeared or changed while the output was being written; nothing "
-                                    "was replaced -- choose a new --out") from e
-        return
-    try:
-        exchange(tmp, path)
-    except OSError as e:
-        if e.errno not in _UNSUPPORTED:
-            raise
-        _replace_by_two_renames(tmp, path, overwrite)
-        return
-    try:  # `path` now holds the new result, `tmp` the old one
-        old = check_output_dir(tmp, overwrite=overwrite)
-    except OutputExistsError as e:
-        exchange(tmp, path)  # put the old one back
-        raise OutputExistsError(str(e).replace(str(tmp), str(path))) from None
-    if old == "replace":
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _replace_by_two_renames(tmp: Path, path: Path, overwrite: bool | None) -> None:
-    """Fallback without an atomic exchange: old result aside, new one in, old one removed."""
-    aside = path.with_name(f".{path.name}.old-{secrets.token_hex(6)}")
-    _rename_noreplace(path, aside)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        os.rename(aside, path)
-        raise
-    try:
-        check_output_dir(aside, overwrite=overwrite)
-    except OutputExistsError:  # changed in between: leave it untouched where the user will see it
-        os.rename(path, tmp)
-        os.rename(aside, path)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def write_dir_atomic(path: str | os.PathLike, fill: Callable[[Path], None], *, kind: str,
-                     overwrite: bool | None = None) -> Path:
-    """Write a directory output atomically: ``fill(tmp)`` writes its files into a hidden sibling,
-    which gets the marker (``kind``), normal permissions (0o777 & ~umask) and is then moved into
-    place (see _move_into_place). ``path`` is checked by check_output_dir first, before any work,
-    and again just before the move. An interrupted or failed write leaves ``path`` as it was."""
-    path = Path(path).absolute()
-    check_output_dir(path, overwrite=overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
-    ident = (tmp.stat().st_dev, tmp.stat().st_ino)
-    try:
-        fill(tmp)
-        _write_marker(tmp, kind)
-        os.chmod(tmp, 0o777 & ~_umask())
-        _move_into_place(tmp, path, overwrite=overwrite)
-    except BaseException:
-        try:  # remove only what this call created (never an old result swapped to this name)
-            st = tmp.lstat()
-            if (st.st_dev, st.st_ino) == ident:
-                shutil.rmtree(tmp, ignore_errors=True)
-        except OSError:
-            pass
-        raise
-    return path
+    """Whether ``path`` holds a run (run.json and ckpt), after recovering an interrupted replacement."""
+    recover(path)
+    return has_run_files(Path(path))
 
 
 def save_run(path: str | os.PathLike, *, params, snapshots=None, stats=None, removed=(), meta: dict | None = None,
@@ -533,90 +252,16 @@ def save_run(path: str | os.PathLike, *, params, snapshots=None, stats=None, rem
         mgr = ocp.CheckpointManager(tmp / "ckpt", options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
         mgr.save(0, args=ocp.args.Composite(**items))
         mgr.wait_until_finished()
+        committed = mgr.latest_step() == 0  # orbax renamed 0.orbax-checkpoint-tmp to 0 on finalize
         mgr.close()
+        if not committed:
+            raise CheckpointError(f"orbax did not commit the checkpoint of {path}; nothing was written")
         np.save(tmp / "removed.npy", removed, allow_pickle=False)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         (tmp / "run.json").write_text(json.dumps(meta, indent=2, default=_json_default))
 
     return write_dir_atomic(path, fill, kind=str(meta.get("kind") or "run"), overwrite=overwrite)
-
-
-def write_files_atomic(path: str | os.PathLike, files: dict[str, str], overwrite: bool | None = None, *,
-                       kind: str = "unlearn-report") -> Path:
-    """Write a directory holding only ``files`` (name -> text; by default a failed unlearning's
-    report) atomically, under the same rules as save_run."""
-
-    def fill(tmp: Path) -> None:
-        for name, text in files.items():
-            (tmp / name).write_text(text)
-
-    return write_dir_atomic(path, fill, kind=kind, overwrite=overwrite)
-
-
-def _probs_marker(path: Path) -> dict | None:
-    """The marker of an --export-probs file this tool wrote, or None."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if not hasattr(z, "files") or PROBS_MARKER_KEY not in z.files:
-                return None
-            marker = json.loads(str(z[PROBS_MARKER_KEY]))
-            keys = sorted(k for k in z.files if k != PROBS_MARKER_KEY)
-    except Exception:
-        return None
-    if not isinstance(marker, dict) or marker.get("tool") != TOOL or marker.get("keys") != keys:
-        return None
-    return marker
-
-
-def check_output_file(path: str | os.PathLike, *, overwrite: bool | None = None) -> str:
-    """Check that an .npz file (``--export-probs``) may be written at ``path``: "absent", or
-    "replace" for a file this tool wrote (its marker key lists exactly its keys) when
-    ``overwrite``. Anything else -- a foreign file, a directory, a symlink -- raises OutputExistsError."""
-    p = Path(path).absolute()
-    other = "choose another --export-probs path"
-    if os.path.islink(p):
-        raise OutputExistsError(f"{path} is a symbolic link (to {os.readlink(p)}); mini-unlearn neither writes "
-                                f"through nor replaces links -- {other}")
-    if not os.path.lexists(p):
-        return "absent"
-    if not p.is_file():
-        raise OutputExistsError(f"{path} exists and is not a regular file; {other}")
-    if _probs_marker(p) is None:
-        raise OutputExistsError(f"{path} exists and was not written by mini-unlearn (it is not an --export-probs "
-                                f"file of this tool); it is never replaced -- {other}")
-    if not overwrite:
-        raise OutputExistsError(f"{path} already holds probabilities exported by mini-unlearn; {other}"
-                                + (" or pass --overwrite to replace it" if overwrite is False else ""))
-    return "replace"
-
-
-def write_npz_atomic(path: str | os.PathLike, arrays: dict[str, Any], *, overwrite: bool | None = None) -> Path:
-    """Write ``arrays`` as an .npz at ``path`` (with a marker key) atomically: a complete temp file
-    in the same directory, then a rename (never replacing, or os.replace of a file this tool
-    wrote, see check_output_file). Permissions 0o666 & ~umask."""
-    path = Path(path).absolute()
-    check_output_file(path, overwrite=overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    marker = {"tool": TOOL, "kind": "probs", "format_version": MARKER_FORMAT, "keys": sorted(arrays)}
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix=".npz", dir=path.parent)
-    tmp = Path(name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays, **{PROBS_MARKER_KEY: np.array(json.dumps(marker))})
-        os.chmod(tmp, 0o666 & ~_umask())
-        if check_output_file(path, overwrite=overwrite) == "absent":
-            try:
-                _rename_noreplace(tmp, path)
-            except FileExistsError as e:
-                raise OutputExistsError(f"{path} appeared while it was being written; nothing was replaced -- "
-                                        "choose another --export-probs path") from e
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _json_default(o):
@@ -630,7 +275,9 @@ def _json_default(o):
 
 
 def read_meta(path: str | os.PathLike) -> dict:
+    """The metadata (run.json) of a run directory, checked; CheckpointError if it is not one."""
     path = Path(path)
+    recover(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist: give the --out directory of a `mini-unlearn train` (or unlearn) run")
     marker = read_marker(path)

@@ -15,42 +15,43 @@ Whoever must delete data finishes the deletion by retiring the old run: everythi
 indices contain ``RUN``'s; same data fingerprint and model) and that ``RUN`` is a trained or
 unlearned run of this tool holding nothing else. Any failure raises and changes nothing.
 
-Crash safety: at every instant either ``RUN`` is exactly as before, or the successor is complete
-and ``RUN`` is retired. The retired directory is built complete in a hidden sibling
-``.RUN.retire-XXXX`` (marker first, so that a build cut short is recognisably ours), the
-filesystems of the successor and of the build are flushed (syncfs(2)), and the two directories
-are exchanged atomically (renameat2 RENAME_EXCHANGE, :func:`checkpoint.exchange`): one step
-takes ``RUN`` from its old content to the retired one. The old payload is then at the hidden
-name, which the tombstone records as ``pending``; it is deleted entry by entry, its marker last,
-so a deletion cut short leaves a directory still marked as ours. If the process dies before the
-deletion ends, the next :func:`retire_run` of ``RUN`` or :func:`~checkpoint.read_meta` /
-:func:`~checkpoint.load_run` of it (:func:`~tombstone.finish_retire`) deletes what is left -- only
-if its marker is this tool's and it holds nothing the marker does not list.
+Crash safety: ``RUN`` only ever holds the old run or the retired one, and every interruption
+ends in one of the two. The retired directory is built complete in a hidden sibling
+``.RUN.retire-XXXX`` (marker first, so that a build cut short is recognisably ours), its
+tombstone naming as ``pending`` the aside name ``.RUN.retire-YYYY`` the old payload will take; the
+filesystems are flushed (``os.sync``); then the two renames of
+atomic.py's protocol (:func:`~atomic.replace_by_renames`): ``RUN`` -> the aside name (checked
+again to be a run of ours holding nothing else, else renamed back and nothing changes), build
+-> ``RUN``. Between the two renames nothing is at ``RUN``, both copies complete beside it: the
+next touch of ``RUN`` (:func:`retire_run`, :func:`check_retirable`, :func:`~checkpoint.read_meta`
+/ :func:`~checkpoint.load_run`, ``is_run``, ``check_output_dir``: :func:`~atomic.recover`)
+renames the old run back and deletes the build, so an interrupted retire is one that did not
+happen. After the second rename the old payload at the aside name is deleted entry by entry,
+its marker last, so a deletion cut short leaves a directory still marked as ours; if the
+process dies before the deletion ends, the next :func:`retire_run` of ``RUN`` or
+:func:`~checkpoint.read_meta` / :func:`~checkpoint.load_run` of it
+(:func:`~tombstone.finish_retire`) deletes what is left -- only if its marker is this tool's and
+it holds nothing the marker does not list.
 
 Reading a retired run and finishing an interrupted retire live in tombstone.py (which
 checkpoint.py uses, so that loading a retired run says so); this module does the retiring and
-imports checkpoint.py and tombstone.py. ``RetiredRunError``, ``read_retired`` and
+imports atomic.py, checkpoint.py and tombstone.py. ``RetiredRunError``, ``read_retired`` and
 ``finish_retire`` are importable from here too.
-
-Where the atomic exchange is unsupported (not Linux, or a filesystem without it) retiring is
-refused, with nothing changed: a fallback by two renames would leave an instant with no run at
-``RUN`` (or a half-deleted one), which is what this module promises never to show.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
+import secrets
 import shutil
-import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import _UNSUPPORTED, _protected, _umask, exchange, load_run, read_meta
+from .atomic import _protected, _umask, recover, replace_by_renames, scratch_dir
+from .checkpoint import load_run, read_meta
 from .markers import (
     MARKER_FORMAT,
     MARKER_NAME,
@@ -84,18 +85,6 @@ MODEL_FIELDS = ("model", "hidden", "num_classes", "input_shape", "l2", "penalize
 # -- filesystem steps (each one a point the crash test kills the process at) --------------------
 
 
-def _syncfs(path: Path) -> None:
-    """Flush the whole filesystem holding ``path`` to disk (Linux syncfs(2); os.sync elsewhere):
-    one call makes every file of the successor and of the retired build durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fn = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None) if sys.platform.startswith("linux") else None
-        if fn is None or fn(fd) != 0:
-            os.sync()
-    finally:
-        os.close(fd)
-
-
 # -- checks -------------------------------------------------------------------------------------
 
 
@@ -104,6 +93,7 @@ def check_retirable(source: str | os.PathLike) -> dict:
     that holds nothing else (the only directories retire_run deletes from); returns its marker.
     A retired run raises RetiredRunError."""
     source = Path(source).absolute()
+    recover(source)  # a retire killed between its two renames: the old run goes back
     if os.path.islink(source):
         raise CheckpointError(f"{source} is a symbolic link (to {os.readlink(source)}); retire the run directory "
                               "it points to, by its own path")
@@ -178,14 +168,16 @@ def check_successor(source: Path, source_meta: dict, source_removed: np.ndarray,
 # -- retiring -----------------------------------------------------------------------------------
 
 
-def _build_retired(tmp: Path, source: Path, meta: dict, marker: dict, successor: Path, reason: str) -> dict:
-    """Fill the hidden directory ``tmp`` with the retired run (marker first); returns the tombstone."""
+def _build_retired(tmp: Path, source: Path, meta: dict, marker: dict, successor: Path, reason: str,
+                   pending: str) -> dict:
+    """Fill the hidden directory ``tmp`` with the retired run (marker first); returns the tombstone,
+    which names as ``pending`` the aside name the old payload is renamed to."""
     entries = sorted(KEPT + (TOMBSTONE_NAME,))
     (tmp / MARKER_NAME).write_text(json.dumps({"tool": TOOL, "kind": RETIRED_KIND, "format_version": MARKER_FORMAT,
                                                "entries": entries}, indent=1) + "\n")
     tomb = {"retired_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "reason": reason,
             "successor": str(successor), "kind_before": marker["kind"],
-            "deleted": [e for e in marker["entries"] if e not in KEPT], "pending": tmp.name}
+            "deleted": [e for e in marker["entries"] if e not in KEPT], "pending": pending}
     record = {k: tomb[k] for k in ("retired_at", "reason", "successor", "kind_before")}
     (tmp / "run.json").write_text(json.dumps(dict(meta, kind=RETIRED_KIND, retired=record), indent=2))
     shutil.copyfile(source / "removed.npy", tmp / "removed.npy")
@@ -203,7 +195,7 @@ def retire_run(source: str | os.PathLike, successor: str | os.PathLike, *, reaso
 
     Refused with CheckpointError, nothing changed: a successor that does not load or is not
     derived from ``source``; a ``source`` this tool did not write, that is not a trained or
-    unlearned run or that holds anything else; a filesystem without an atomic exchange.
+    unlearned run or that holds anything else.
     An already retired ``source`` is a no-op (it only finishes a pending deletion); use
     :func:`read_retired` to tell. ``objective``/``like``: passed to load_run for a successor of
     your own model."""
@@ -222,45 +214,22 @@ def retire_run(source: str | os.PathLike, successor: str | os.PathLike, *, reaso
                               "nothing was deleted") from e
     check_successor(source, meta, removed, successor, objective=objective, like=like)
     _clean_stale_builds(source, None)
-    tmp = Path(tempfile.mkdtemp(prefix=_trash_prefix(source), dir=source.parent))
-    ident = (tmp.stat().st_dev, tmp.stat().st_ino)
-    exchanged = False
-    try:
-        _build_retired(tmp, source, meta, marker, successor, reason.strip())
-        _syncfs(successor)
-        if successor.stat().st_dev != tmp.stat().st_dev:
-            _syncfs(tmp)
-        check_retirable(source)  # again, just before the step: nothing added meanwhile
-        try:
-            exchange(tmp, source)
-        except OSError as e:
-            if e.errno in _UNSUPPORTED:
-                raise CheckpointError(f"{source} is not retired: this system cannot exchange two directories "
-                                      f"atomically (renameat2 RENAME_EXCHANGE: {e.strerror}), and mini-unlearn "
-                                      "retires a run only in one atomic step; nothing was changed -- move the run "
-                                      "to a local Linux filesystem (ext4, xfs, btrfs, tmpfs) to retire it") from e
-            raise
-        exchanged = True
-        _fsync_dir(source.parent)
-        # ``source`` is retired; the old payload is at ``tmp``. Delete it only if it is still
-        # exactly ours: something added after the last check goes back with it, untouched.
-        old, foreign = _owned_payload(tmp, RETIRABLE_KINDS)
-        if old is None or foreign:
-            exchange(tmp, source)
-            exchanged = False
-            _fsync_dir(source.parent)
+    aside = source.with_name(_trash_prefix(source) + secrets.token_hex(6))
+
+    def still_ours(old: Path) -> None:  # something added after the last check goes back with the run
+        payload, foreign = _owned_payload(old, RETIRABLE_KINDS)
+        if payload is None or foreign:
             raise CheckpointError(f"{source} changed while it was being retired (it now also holds "
                                   f"{_describe(foreign) or 'something else'}); it was put back as it was, nothing "
                                   "was deleted -- move those out of it and retire again")
-        _delete_owned(tmp)
+
+    with scratch_dir(source.parent, _trash_prefix(source)) as tmp:
+        _build_retired(tmp, source, meta, marker, successor, reason.strip(), aside.name)
+        os.sync()  # every file of the successor and of the retired build on disk before the renames
+        check_retirable(source)  # again, just before the renames: nothing added meanwhile
+        replace_by_renames(tmp, source, aside, still_ours)
         _fsync_dir(source.parent)
-    except BaseException:
-        if not exchanged:  # remove only the build this call made (never a payload swapped to its name)
-            try:
-                st = tmp.lstat()
-                if (st.st_dev, st.st_ino) == ident:
-                    shutil.rmtree(tmp, ignore_errors=True)
-            except OSError:
-                pass
-        raise
+    # ``source`` is retired; the old payload, checked to be exactly ours, is at ``aside``
+    _delete_owned(aside)
+    _fsync_dir(source.parent)
     return source
