@@ -1,4 +1,4 @@
-"""Tests for mini_unlearn_jax.evaluation.attacks: ROC metrics, threshold / learned attacks, LiRA, forget score."""
+"""Tests for mini_unlearn_jax.evaluation.attacks and .lira: ROC metrics, threshold / learned attacks, LiRA, forget score."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from sklearn.metrics import roc_curve as sk_roc_curve
 from mini_unlearn_jax.app.data import synthetic
 from mini_unlearn_jax.core.models import LogisticRegression, make_objective
 from mini_unlearn_jax.evaluation import attacks as A
+from mini_unlearn_jax.evaluation import lira
 
 # -- ROC metrics -----------------------------------------------------------------------------
 
@@ -163,10 +164,10 @@ def test_logit_confidence_is_stable_and_exact() -> None:
 
 def test_inclusion_masks_are_half_splits() -> None:
     key = jax.random.key(0)
-    bal = np.asarray(A.inclusion_masks(key, 8, 101, balanced=True))
+    bal = np.asarray(lira.inclusion_masks(key, 8, 101, balanced=True))
     assert bal.shape == (8, 101) and bal.dtype == bool
     assert np.all(bal.sum(0) == 4)  # every example IN for exactly half the shadows
-    ind = np.asarray(A.inclusion_masks(key, 6, 101, balanced=False))
+    ind = np.asarray(lira.inclusion_masks(key, 6, 101, balanced=False))
     assert np.all(ind.sum(1) == 50)  # every shadow holds exactly half the pool
     assert len({row.tobytes() for row in ind}) == 6
 
@@ -185,10 +186,10 @@ def shadows():
         traces.append(1)  # Python side effect: runs once per trace, not once per shadow
         return model.init(key, jnp.zeros((1, 20)))["params"]
 
-    sh = A.train_shadow_models(
+    sh = lira.train_shadow_models(
         objective, init_fn, ds.x_train, ds.y_train, jax.random.key(0), NUM_SHADOWS, steps=500, lr=0.1
     )
-    phi = A.shadow_logit_confidence(objective, sh.params, ds.x_train, ds.y_train)
+    phi = lira.shadow_logit_confidence(objective, sh.params, ds.x_train, ds.y_train)
     return ds, objective, sh, phi, len(traces)
 
 
@@ -220,7 +221,7 @@ def test_lira_separates_members_of_an_overfit_model(shadows, online: bool) -> No
     members, nonmembers = [], []
     for target in range(NUM_SHADOWS):  # leave-one-out: each shadow in turn is the target
         ref = np.arange(NUM_SHADOWS) != target
-        s = A.lira_scores(phi[target], phi[ref], sh.in_mask[ref], online=online)
+        s = lira.lira_scores(phi[target], phi[ref], sh.in_mask[ref], online=online)
         assert s.shape == (200,) and np.all(np.isfinite(s))
         members.append(s[sh.in_mask[target]])
         nonmembers.append(s[~sh.in_mask[target]])
@@ -238,25 +239,25 @@ def test_lira_scores_on_known_gaussians() -> None:
     target_phi = base + 2.0 * target_in + rng.normal(0.0, 1.0, n)
     raw = A.roc_metrics(target_phi[target_in], target_phi[~target_in])["auc"]
     for kw in ({"online": True}, {"online": True, "global_variance": False}, {"online": False}):
-        scores = A.lira_scores(target_phi, shadow_phi, in_mask, **kw)
+        scores = lira.lira_scores(target_phi, shadow_phi, in_mask, **kw)
         auc = A.roc_metrics(scores[target_in], scores[~target_in])["auc"]
         assert auc > 0.8 and auc > raw + 0.15, (kw, auc, raw)
     # Examples without IN (or OUT) shadows still get a finite online score ...
     in_mask[:, 0] = False
     in_mask[:, 1] = True
-    assert np.all(np.isfinite(A.lira_scores(target_phi, shadow_phi, in_mask)))
+    assert np.all(np.isfinite(lira.lira_scores(target_phi, shadow_phi, in_mask)))
     # ... but the offline test needs OUT shadows everywhere.
     with pytest.raises(ValueError, match="OUT shadow"):
-        A.lira_scores(target_phi, shadow_phi, in_mask, online=False)
+        lira.lira_scores(target_phi, shadow_phi, in_mask, online=False)
     with pytest.raises(ValueError, match="shapes"):
-        A.lira_scores(target_phi[:-1], shadow_phi, in_mask)
+        lira.lira_scores(target_phi[:-1], shadow_phi, in_mask)
 
 
 def test_minibatch_shadow_training_runs() -> None:
     ds = synthetic(n=60, n_test=5, d=4, classes=2, seed=1)
     model = LogisticRegression(num_classes=2)
     objective = make_objective(model, l2=1e-3)
-    sh = A.train_shadow_models(
+    sh = lira.train_shadow_models(
         objective,
         lambda k: model.init(k, jnp.zeros((1, 4)))["params"],
         ds.x_train,
@@ -269,10 +270,10 @@ def test_minibatch_shadow_training_runs() -> None:
         balanced=False,
     )
     assert sh.in_mask.shape == (4, 60) and np.all(sh.in_mask.sum(1) == 30)
-    phi = A.shadow_logit_confidence(objective, sh.params, ds.x_train, ds.y_train)
+    phi = lira.shadow_logit_confidence(objective, sh.params, ds.x_train, ds.y_train)
     assert phi.shape == (4, 60) and np.all(np.isfinite(phi)) and np.abs(phi).max() > 0
     with pytest.raises(ValueError):
-        A.train_shadow_models(objective, lambda k: None, ds.x_train, ds.y_train, jax.random.key(0), 1, 10, 0.1)
+        lira.train_shadow_models(objective, lambda k: None, ds.x_train, ds.y_train, jax.random.key(0), 1, 10, 0.1)
 
 
 # -- forget score ----------------------------------------------------------------------------

@@ -6,27 +6,16 @@ gradient follows from identity (I1) with a secant model ``grad G_D(w) ~ g* + B (
 
     g_R(w) = [ n (g* + B (w - w*)) - sum_{i in R} grad l_i(w) ] / (n - r) + l2 * M w
 
-and the unlearned parameters are the fixed point of ``Phi(w) = w - P^{-1} g_R(w)`` (method.md
+and the unlearned parameters are the fixed point of ``Phi(w) = w - P^{-1} g_R(w)`` (docs/method.md,
 I2, preconditioned).
 
-Curvature (``MiniConfig.curvature``; the result's ``stats.curvature`` says which path ran):
+Curvature (``MiniConfig.curvature``): ``ekfac`` (logistic regression; an affine model of ``g_R``
+with the EKFAC remaining-data Hessian ``K`` and ``P = K + l2 I``), ``lbfgs`` (``B`` the compact
+L-BFGS product of the buffer's secant pairs, ``P = L I``) or ``exact`` (``B`` the exact
+Gauss-Newton product); how each is built is in `core/mini_curvature.py`, and the result's
+``stats.curvature`` says which path ran.
 
-- ``ekfac`` (logistic regression with the plain softmax cross-entropy; the default there): the
-  removed examples' gradient is taken once, at ``w*``, and ``g_R`` is modelled as affine,
-  ``g_R(w*) + K (w - w*)`` with ``K`` the EKFAC model of the *remaining* Hessian (full statistics
-  minus the removed examples' exact terms, positive semi-definite at any ratio; above
-  ``MiniConfig.precond_sample`` removed examples their sum is estimated from that many) and ``P = K +
-  l2 I``. The fixed point is therefore a linear preconditioned iteration on that model; it reads
-  neither the data nor the removed examples after its first evaluation. The fidelity comes from
-  the exact refinement passes.
-- ``lbfgs``: ``B`` the compact L-BFGS product from the buffer's secant pairs (DeltaGrad's model),
-  ``P = L I`` with ``L`` from power iteration; each iteration evaluates the removed examples'
-  gradient at the iterate (one backward pass of the masked loss per fixed-size chunk). Known to
-  expand at high ratios; the guard reports it.
-- ``exact``: ``B`` is the exact Gauss-Newton product over the training set at ``w*`` (one data pass
-  per iteration, 31 more for the power iteration), ``P = L I``. For small problems and tests.
-
-Termination (what the result's ``status`` codes mean; the messages are in :data:`REASONS`):
+Termination (the result codes, their messages and the result type are in `core/mini_result.py`):
 
 - ``CONVERGED``: the step norm fell to ``tol * max(1, ||w*||)``. ``AT_RESOLUTION``: the step is at
   the resolution of the dtype (``<= 16 eps ||w||``) and stopped shrinking (or the step cap came
@@ -54,13 +43,13 @@ residual is below 1 (``REFINE_NO_PROGRESS``, a success), else the input paramete
 (``REFINE_FAILED``).
 On the EKFAC path the products use the softmax probabilities at ``w*``, computed once (one forward
 read of the data, not counted in ``data_passes`` but in the time), through the loss
-:func:`curvature.frozen_softmax_loss`: each product then reads the data twice instead of three
+`linalg.frozen_softmax_loss`: each product then reads the data twice instead of three
 times. ``refine_passes=0`` gives the variant that never reads the remaining data.
 
-A request that does not succeed returns its input parameters bit for bit. :func:`fixed_point_unlearn` raises
-:class:`UnlearnError` (carrying the result) unless ``throw=False``; :func:`fixed_point_unlearn_many` returns
+A request that does not succeed returns its input parameters bit for bit. `fixed_point_unlearn` raises
+`UnlearnError` (carrying the result) unless ``throw=False``; `fixed_point_unlearn_many` returns
 per-request results (``throw=False`` by default). Requests are padded to power-of-two size
-buckets with a mask, and :func:`fixed_point_unlearn_many` pads the number of requests to a power of two, so
+buckets with a mask, and `fixed_point_unlearn_many` pads the number of requests to a power of two, so
 requests of new sizes (or counts) within a bucket reuse the compiled program.
 """
 
@@ -75,44 +64,36 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from . import linalg as cv
-from .models import Objective, cross_entropy
+from .mini_curvature import (
+    CURVATURES,
+    POWER_ITERATIONS,
+    ekfac_model,
+    resolve_curvature,
+    secant_model,
+)
+from .mini_result import (
+    AT_RESOLUTION,
+    CONVERGED,
+    EXPANDING,
+    MAX_ITER,
+    NONFINITE,
+    NOT_CONTRACTING,
+    REFINE_FAILED,
+    REFINE_NO_PROGRESS,
+    REFINE_ROSE,
+    SUCCESS,
+    UnlearnError,
+    UnlearnResult,
+    UnlearnStats,
+)
+from .models import Objective
 from .snapshots import SnapshotState
 
 Params = Any
 
-# -- result codes ---------------------------------------------------------------------------
-
-CONVERGED, MAX_ITER, EXPANDING, NONFINITE, REFINE_FAILED = 0, 1, 2, 3, 4
-NOT_CONTRACTING, AT_RESOLUTION, REFINE_NO_PROGRESS, REFINE_ROSE = 5, 6, 7, 8
-SUCCESS = (CONVERGED, AT_RESOLUTION, REFINE_NO_PROGRESS, REFINE_ROSE)
-STATUS_NAMES = {
-    CONVERGED: "converged", MAX_ITER: "max_iter", EXPANDING: "expanding", NONFINITE: "nonfinite",
-    REFINE_FAILED: "refine_failed", NOT_CONTRACTING: "not_contracting", AT_RESOLUTION: "at_resolution",
-    REFINE_NO_PROGRESS: "refine_no_progress", REFINE_ROSE: "refine_rose",
-}
-REASONS = {
-    CONVERGED: "converged",
-    MAX_ITER: "step cap reached before the step norm fell below the tolerance (the steps were still shrinking, "
-              "or too few steps to tell); the original parameters are returned",
-    EXPANDING: "the map is not contractive here (the step norms grew for several iterations in a row); "
-               "the original parameters are returned",
-    NONFINITE: "NaN/inf appeared in the iteration; the original parameters are returned",
-    REFINE_FAILED: "the refinement did not reduce the exact residual (relative residual >= 1 or NaN) and neither "
-                   "did the fixed-point iterate: both look worse than not moving; the original parameters are "
-                   "returned",
-    NOT_CONTRACTING: "step cap reached and the steps were not shrinking (rate estimate >= 1 over the last "
-                     "steps): the map is not contractive here; the original parameters are returned",
-    AT_RESOLUTION: "converged to the resolution of the dtype (round-off stalled the steps before the tolerance)",
-    REFINE_NO_PROGRESS: "converged; the refinement did not reduce the exact residual (relative residual >= 1 or "
-                        "NaN), so the fixed-point iterate is returned without it",
-    REFINE_ROSE: "converged; the refinement's step raised the remaining-data objective above the fixed-point "
-                 "iterate's (its linear model does not hold that far, e.g. on a non-convex model), so the "
-                 "fixed-point iterate is returned without it",
-}
 # the refined point is kept only if its remaining-data objective is at most the fixed-point
 # iterate's, up to this relative slack (float32 summation noise over the data)
 REFINE_OBJECTIVE_RTOL = 1e-5
-CURVATURES = ("ekfac", "lbfgs", "exact")
 # refinement passes of MiniConfig(refine_passes=None) per curvature path (see MiniConfig)
 DEFAULT_REFINE_PASSES = {"ekfac": 13, "lbfgs": 5, "exact": 5}
 
@@ -179,117 +160,6 @@ class MiniConfig:
             raise ValueError("tol must be > 0 and damping >= 0")
 
 
-class UnlearnStats(NamedTuple):
-    """Statistics of a solve (leaves gain a leading axis in :func:`fixed_point_unlearn_many`).
-
-    Attributes:
-      iterations: fixed-point iterations made.
-      data_passes: passes over the training data made: the refinement's products over the
-        remaining data, plus, for ``curvature='exact'``, one full-data product per iteration and
-        31 for the power iteration. The removed examples' own passes are not counted.
-      rate: the rate estimate ``q``: geometric mean of the last ``rate_ratios`` step-norm ratios;
-        NaN when fewer than 2 ratios exist (e.g. a first-step exit).
-      rate_ratios: how many ratios ``rate`` averages (0 to 4).
-      step_norm: the last fixed-point step norm ``||w_k - w_{k-1}||``.
-      min_step_norm: the smallest step norm seen.
-      fixed_point_residual: relative residual ``||H d_fp + g_R(w*)|| / ||g_R(w*)||`` of the
-        fixed-point iterate on the exact linearised problem (NaN without refinement).
-      refine_residual: the same for the refined iterate (NaN without refinement).
-      refine_passes: data passes the refinement made (at most ``MiniConfig.refine_passes``).
-      curvature: the curvature path that ran, an index into :data:`CURVATURES`.
-    """
-
-    iterations: jax.Array
-    data_passes: jax.Array
-    rate: jax.Array
-    rate_ratios: jax.Array
-    step_norm: jax.Array
-    min_step_norm: jax.Array
-    fixed_point_residual: jax.Array
-    refine_residual: jax.Array
-    refine_passes: jax.Array
-    curvature: jax.Array
-
-
-def _per_request(table, codes) -> str | list[str]:
-    """``table[code]`` for a single result's code, or a list with one entry per batched request."""
-    codes = np.asarray(codes)
-    if codes.ndim == 0:
-        return table[int(codes)]
-    return [table[int(c)] for c in codes.reshape(-1)]
-
-
-class UnlearnResult(NamedTuple):
-    """What :func:`fixed_point_unlearn` returns (leaves gain a leading axis in :func:`fixed_point_unlearn_many`).
-
-    In optimistix's shape: the answer (``params``, also ``value``), a result code (``status``,
-    also ``result``; :meth:`reason` gives its message, one per request for a batch) and
-    :class:`UnlearnStats` (``stats``). The other fields are kept for existing callers.
-
-    ``params`` are the unlearned parameters when ``converged`` (the status is one of
-    :data:`SUCCESS`); otherwise they are the input parameters, bit for bit (never the diverged
-    iterate). ``contraction`` is the rate *estimate* ``q`` (``stats.rate``; NaN before 2 step
-    ratios exist) and ``error_estimate = q/(1-q) * step_norm`` an a-posteriori *estimate* of the
-    fixed-point iterate's distance to the fixed point of the model map, before refinement: not a
-    bound, since ``q`` is estimated (NaN when ``q`` is unknown, inf when ``q >= 1``).
-    ``refine_passes`` counts the data passes the refinement made and ``refine_residual`` is its
-    relative residual (below 1 means better than not moving).
-    """
-
-    params: Params
-    converged: jax.Array
-    status: jax.Array
-    iterations: jax.Array
-    step_norm: jax.Array
-    contraction: jax.Array
-    error_estimate: jax.Array
-    refine_passes: jax.Array
-    refine_residual: jax.Array
-    stats: UnlearnStats
-
-    @property
-    def value(self) -> Params:
-        """The returned parameters (optimistix's name)."""
-        return self.params
-
-    @property
-    def result(self) -> jax.Array:
-        """The result code (optimistix's name for ``status``)."""
-        return self.status
-
-    @property
-    def error_bound(self) -> jax.Array:
-        """Old name of :attr:`error_estimate` (an estimate, not a bound)."""
-        return self.error_estimate
-
-    def reason(self) -> str | list[str]:
-        """Why the solve stopped; a list with one message per request for a batched result."""
-        return _per_request(REASONS, self.status)
-
-    def status_name(self) -> str | list[str]:
-        """Short name of the result code (``converged``, ``expanding``, ...); a list for a batch."""
-        return _per_request(STATUS_NAMES, self.status)
-
-    def curvature(self) -> str | list[str]:
-        """The curvature path that ran (``ekfac``, ``lbfgs`` or ``exact``); a list for a batch."""
-        return _per_request(CURVATURES, self.stats.curvature)
-
-    def request(self, i: int) -> UnlearnResult:
-        """Request ``i`` of a batched result from :func:`fixed_point_unlearn_many`, as a single result."""
-        if np.ndim(self.status) == 0:
-            raise ValueError("this is a single request's result, not a batch from unlearn_many")
-        return jax.tree.map(lambda a: a[i], self)
-
-
-class UnlearnError(RuntimeError):
-    """Raised by :func:`fixed_point_unlearn` (``throw=True``) when a request fails; ``.result`` holds the
-    :class:`UnlearnResult` (its ``params`` are the input parameters)."""
-
-    def __init__(self, message: str, result: UnlearnResult):
-        super().__init__(message)
-        self.result = result
-
-
 # -- requests -----------------------------------------------------------------------------
 
 
@@ -329,39 +199,9 @@ def pad_request(indices, n: int, min_bucket: int = 64) -> tuple[np.ndarray, np.n
     return padded, mask
 
 
+
+
 # -- the solver ---------------------------------------------------------------------------
-
-
-def _is_softmax_cross_entropy(objective: Objective, num_classes: int) -> bool:
-    """Whether the objective's per-example loss is the plain softmax cross-entropy that the EKFAC
-    model assumes (checked on a few random logits when it is not :func:`models.cross_entropy`)."""
-    if objective.example_loss is cross_entropy:
-        return True
-    rng = np.random.default_rng(0)
-    z = (3.0 * rng.normal(size=(4, num_classes))).astype(np.float32)
-    t = rng.integers(0, num_classes, size=4)
-    want = np.log(np.sum(np.exp(z), axis=1)) - z[np.arange(4), t]
-    try:
-        got = np.asarray(jax.vmap(objective.example_loss)(jnp.asarray(z), jnp.asarray(t, jnp.int32)), np.float64)
-    except Exception:  # a loss that does not take integer labels is not this loss
-        return False
-    return got.shape == want.shape and bool(np.allclose(got, want, rtol=1e-4, atol=1e-5))
-
-
-def resolve_curvature(objective: Objective, cfg: MiniConfig, stats) -> str:
-    kind = cfg.curvature
-    ekfac_fits = (objective.kind == "logreg" and stats is not None
-                  and _is_softmax_cross_entropy(objective, int(np.shape(stats.UG)[0])))
-    if kind == "auto":
-        kind = "ekfac" if ekfac_fits else "lbfgs"
-    if kind == "ekfac" and (objective.kind != "logreg" or stats is None):
-        raise ValueError("curvature='ekfac' needs a logistic-regression model and its EKFAC statistics "
-                         "(saved by training); use curvature='lbfgs' or 'exact' for other models")
-    if kind == "ekfac" and not ekfac_fits:
-        raise ValueError("curvature='ekfac' models the Hessian of the plain softmax cross-entropy, and this "
-                         "objective's per-example loss differs from it (e.g. label smoothing); use "
-                         "curvature='lbfgs' or 'exact' (curvature='auto' picks lbfgs for it)")
-    return kind
 
 
 def _shard(a, mesh, spec):
@@ -411,23 +251,6 @@ def _rate(hist: jax.Array, k: jax.Array):
     return q, m
 
 
-def _removed_ekfac_sum(stats: cv.EKFAC, xr, probs_r, mask, sample: int):
-    """Sum of the removed examples' exact EKFAC diagonal terms (cost ``r (d+1)^2``), or, when the
-    padded request holds more than ``sample`` rows (``sample > 0``), its estimate from ``sample``
-    of them spread evenly over the real (mask 1) rows, scaled by ``r / (their mask sum)``. It only
-    shapes the preconditioner and the start (the refinement's residual is exact)."""
-    size = xr.shape[0]
-    if sample <= 0 or size <= sample:
-        return cv.ekfac_removed_sum(stats, xr, probs_r, mask)
-    r = jnp.sum(mask)
-    real_first = jnp.argsort(-mask, stable=True)  # real rows first, in their order
-    pos = jnp.floor((jnp.arange(sample, dtype=mask.dtype) + 0.5) * r / sample).astype(jnp.int32)
-    sel = real_first[jnp.clip(pos, 0, size - 1)]
-    ms = mask[sel]
-    part = cv.ekfac_removed_sum(stats, xr[sel], probs_r[sel], ms)
-    return part * (r / jnp.maximum(jnp.sum(ms), 1.0))
-
-
 def _solve(objective: Objective, cfg: MiniConfig, kind: str, params, snap_params, snap_grads, snap_count,
            stats, x, y, idx, mask):
     n = x.shape[0]
@@ -460,31 +283,14 @@ def _solve(objective: Objective, cfg: MiniConfig, kind: str, params, snap_params
     def removed_grad(w):
         return ravel_pytree(removed_grad_sum(objective, unravel(w), xr, yr, mask, cfg.chunk, cfg.mesh, cfg.mesh_axis))[0]
 
-    # --- curvature models: P^{-1} (remaining data) and, outside EKFAC, B (full data) ---------
+    # --- curvature models (core/mini_curvature.py): P^{-1} and K (EKFAC) or B (full data) ----
     setup_passes = 0
     if kind == "ekfac":
-        probs_r = jax.nn.softmax(objective.apply_fn(params, xr), axis=-1)
-        diag_rem = jnp.maximum(n * stats.diag - _removed_ekfac_sum(stats, xr, probs_r, mask, cfg.precond_sample), 0.0) / nr
-        to_mat = lambda v: cv.logreg_matrix(unravel(v))
-        to_vec = lambda m_: ravel_pytree(cv.logreg_params(m_))[0]
-        precond = lambda v: to_vec(cv.ekfac_solve(stats, diag_rem, l2 + cfg.damping, to_mat(v)))
+        precond, K_rem = ekfac_model(objective, cfg, stats, params, unravel, m_vec, xr, mask, n, nr)
     else:
-        if kind == "lbfgs":
-            # rows oldest -> newest
-            order = (jnp.arange(K) + snap_count) % K
-            S, Y, pair_ok = cv.secant_pairs(S_all[order], G_all[order], snap_count)
-            B = lambda v: cv.lbfgs_product(S, Y, v, pair_ok)
-        else:
-            keep_all = jnp.ones((n,), dtype)
-            B = lambda v: ravel_pytree(cv.ggn_vp(objective, params, x, y, keep_all, unravel(v)))[0]
-            passes_per_B = 1
-
-        v0 = jax.random.normal(jax.random.key(0), w0.shape, dtype)
-        lmax = cv.top_eigenvalue(B, v0, 31)
-        setup_passes = 31 * passes_per_B
-        L = (n / nr) * jnp.maximum(lmax, 0.0) + l2 + cfg.damping
-        L = jnp.where(jnp.isfinite(L) & (L > 0), L, 1.0)
-        precond = lambda v: v / L
+        B, precond, passes_per_B = secant_model(kind, objective, cfg, params, unravel, w0, x, y, S_all, G_all,
+                                                snap_count, n, nr)
+        setup_passes = POWER_ITERATIONS * passes_per_B
 
     # the trained model's own residual gradient (zero for a model trained to convergence): with
     # `stationary`, w* is treated as the optimum of the full objective, so only the removal moves it
@@ -492,11 +298,7 @@ def _solve(objective: Objective, cfg: MiniConfig, kind: str, params, snap_params
     # g_R(w*) with the removed examples' exact gradient at w* (B (w* - w*) = 0 needs no product)
     g_at_w0 = (n * g_star - removed_grad(w0)) / nr + l2 * m_vec * w0 - shift
     if kind == "ekfac":
-        # Removed examples enter through the same EKFAC model as the full data (their exact
-        # gradient at w*, their exact EKFAC terms for curvature): the model Hessian is then
-        # the PSD remaining-data EKFAC, never approximate-minus-exact, and g_R is affine.
-        K_rem = lambda v: to_vec(cv.ekfac_product(stats, diag_rem, to_mat(v))) + l2 * m_vec * v
-
+        # g_R is affine on the EKFAC path: the removed examples' exact gradient at w*, then K
         def g_rem(w):
             return g_at_w0 + K_rem(w - w0)
     else:
@@ -643,15 +445,15 @@ _solve_many_jit = jax.jit(_solve_many, static_argnums=(0, 1, 2))
 
 def unlearn_core(objective: Objective, params: Params, snapshots: SnapshotState, x, y, idx, mask, *,
                  stats: cv.EKFAC | None = None, config: MiniConfig = MiniConfig()) -> UnlearnResult:
-    """The traceable core of :func:`fixed_point_unlearn`: call it inside your own ``jax.jit`` / ``jax.vmap``.
+    """The traceable core of `fixed_point_unlearn`: call it inside your own ``jax.jit`` / ``jax.vmap``.
 
     The forget set is given as arrays: ``idx[r]`` integer indices into ``x``/``y`` and ``mask[r]``
-    with 1 for a real entry and 0 for padding (what :func:`pad_request` makes; a fixed ``r``
+    with 1 for a real entry and 0 for padding (what `pad_request` makes; a fixed ``r``
     compiles once for every request of up to ``r`` examples). Every argument except
     ``objective``, ``config`` and whether ``stats`` is given may be traced (the snapshot buffer,
     the indices, the mask, the data). No Python-level checks run here and nothing raises on
     failure: check ``result.converged`` (a failed request holds the input parameters). Use
-    :func:`fixed_point_unlearn` for checked single requests.
+    `fixed_point_unlearn` for checked single requests.
     """
     with jax.ensure_compile_time_eval():  # the curvature path depends only on static facts
         kind = resolve_curvature(objective, config, stats)
@@ -735,12 +537,12 @@ def fixed_point_unlearn(objective: Objective, params: Params, snapshots: Snapsho
         fixed point; the refinement, if enabled, reads the rest).
       forget: 1-D integer indices to remove.
       stats: EKFAC statistics saved at training time (logistic regression).
-      config: :class:`MiniConfig`.
-      throw: raise :class:`UnlearnError` (carrying the result) when the request fails; with
+      config: `MiniConfig`.
+      throw: raise `UnlearnError` (carrying the result) when the request fails; with
         ``throw=False`` the failed result is returned (its ``params`` are the input parameters).
 
     Returns:
-      An :class:`UnlearnResult`. The parameters keep their dtype (float32 or float64, also under
+      An `UnlearnResult`. The parameters keep their dtype (float32 or float64, also under
       ``jax_enable_x64``).
     """
     n = _check_inputs(params, snapshots, x, y, stats)
@@ -761,7 +563,7 @@ def fixed_point_unlearn_many(objective: Objective, params: Params, snapshots: Sn
     (with empty requests whose results are dropped), so a new number of requests within a bucket
     does not recompile. Leaves of the result have a leading axis of ``len(requests)``; a failed
     request holds the input parameters. With ``throw=True``, any failed request raises
-    :class:`UnlearnError` carrying the batched result.
+    `UnlearnError` carrying the batched result.
     """
     n = _check_inputs(params, snapshots, x, y, stats)
     if len(requests) == 0:

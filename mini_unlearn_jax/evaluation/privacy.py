@@ -5,12 +5,12 @@ count with the members, subsampled deterministically from a seed). The target fo
 unlearned model is the *retrained* model's value, not 0.5: an AUC far below the retrained
 one leaks as much as one far above it.
 
-- :func:`default_mia` -- the cheap default: the loss-threshold attack
-  (:data:`~mini_unlearn_jax.evaluation.attacks.DEFAULT_ATTACK`) on every model.
-- :func:`full_suite` -- every threshold attack, the learned attack, and LiRA online /
+- `default_mia` -- the cheap default: the loss-threshold attack
+  (`attacks.DEFAULT_ATTACK`) on every model.
+- `full_suite` -- every threshold attack, the learned attack, and LiRA online /
   offline with shadow models trained in one vmapped call; returns metrics and ROC curves.
-- :func:`mia_for_report` -- the block ``mini-unlearn unlearn --mia`` adds to its report.
-The ``mini-unlearn attack`` subcommand that runs :func:`full_suite` lives in :mod:`mini_unlearn_jax.app.cli`.
+- `mia_for_report` -- the block ``mini-unlearn unlearn --mia`` adds to its report.
+The ``mini-unlearn attack`` subcommand that runs `full_suite` lives in `mini_unlearn_jax/app/cli.py`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import optax
 
 from ..core.models import Objective
 from . import attacks as A
+from . import lira
 from .metrics import log_probs
 
 Params = Any
@@ -77,7 +78,7 @@ def _metrics(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> dict[st
 
 
 def _attack_sets(x_forget, y_forget, x_heldout, y_heldout, seed: int, balance: bool):
-    """Checked members (forget) and non-members (held-out), subsampled by :func:`balanced_indices`:
+    """Checked members (forget) and non-members (held-out), subsampled by `balanced_indices`:
     ``(member_idx, nonmember_idx, (x_mem, y_mem), (x_non, y_non))``."""
     if len(x_forget) != len(y_forget) or len(x_heldout) != len(y_heldout):
         raise ValueError("x and y of the forget / held-out sets must have the same length")
@@ -107,7 +108,7 @@ def default_mia(
     """The default membership-inference attack (loss threshold) on each model.
 
     Members are the forget examples, non-members held-out ones; the larger set is subsampled
-    to the size of the smaller (see :func:`balanced_indices`), the same examples for every
+    to the size of the smaller (see `balanced_indices`), the same examples for every
     model.
 
     Args:
@@ -141,7 +142,7 @@ class ShadowSet(NamedTuple):
     """What LiRA needs from the shadow models about a set of examples.
 
     Attributes:
-      phi: ``[num_shadows, n]`` logit-scaled confidences (:func:`attacks.logit_confidence`).
+      phi: ``[num_shadows, n]`` logit-scaled confidences (`attacks.logit_confidence`).
       in_mask: bool ``[num_shadows, n]``, True where the example trained the shadow.
     """
 
@@ -197,15 +198,15 @@ def train_shadow_set(
     """Train ``num_shadows`` shadows on random halves of the pool in one vmapped call.
 
     Every pool example trains exactly ``num_shadows // 2`` shadows
-    (:func:`attacks.train_shadow_models` with balanced masks).
+    (`lira.train_shadow_models` with balanced masks).
 
     Returns:
       ``(ShadowSet over the pool, training seconds including compilation)``.
     """
     t0 = time.perf_counter()
-    sh = A.train_shadow_models(objective, init_params_fn, x_pool, y_pool, jax.random.key(seed), num_shadows,
-                               recipe.steps, recipe.lr, batch_size=recipe.batch_size, optimizer=recipe.optimizer())
-    phi = A.shadow_logit_confidence(objective, sh.params, x_pool, y_pool)
+    sh = lira.train_shadow_models(objective, init_params_fn, x_pool, y_pool, jax.random.key(seed), num_shadows,
+                                  recipe.steps, recipe.lr, batch_size=recipe.batch_size, optimizer=recipe.optimizer())
+    phi = lira.shadow_logit_confidence(objective, sh.params, x_pool, y_pool)
     return ShadowSet(phi, sh.in_mask), time.perf_counter() - t0
 
 
@@ -235,7 +236,7 @@ def full_suite(
 ) -> tuple[dict[str, Any], dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]] | tuple[dict, dict, dict]:
     """All attacks on every model: threshold attacks, the learned attack, LiRA online/offline.
 
-    Members and non-members are chosen as in :func:`default_mia`. Unless ``shadows`` is
+    Members and non-members are chosen as in `default_mia`. Unless ``shadows`` is
     given, ``num_shadows`` shadow models are trained with ``recipe`` in one vmapped call on
     the pool ``members + non-members (+ x_extra)``: every pool example is IN for exactly half
     the shadows. ``x_extra`` (e.g. the retained training data) makes the shadows' training
@@ -248,7 +249,7 @@ def full_suite(
       x_forget, y_forget: members (removed examples).
       x_heldout, y_heldout: non-members.
       init_params_fn: ``key -> params`` for the shadows (needed unless ``shadows``).
-      recipe: the shadows' training recipe (see :func:`shadow_recipe`; needed unless ``shadows``).
+      recipe: the shadows' training recipe (see `shadow_recipe`; needed unless ``shadows``).
       num_shadows: number of shadows (at least 2; LiRA wants 16 or more).
       x_extra, y_extra: further pool examples (optional).
       shadows: precomputed ``(ShadowSet over x_forget, ShadowSet over x_heldout)``, aligned
@@ -256,12 +257,12 @@ def full_suite(
       learned: also run the learned (logistic-regression) attack.
       seed: seeds the subsampling, the shadows and the learned attack's folds.
       balance: subsample to equal counts.
-      return_scores: also return the raw scores (for bootstrap intervals, see :func:`paired_auc_gap`).
+      return_scores: also return the raw scores (for bootstrap intervals, see `paired_auc_gap`).
 
     Returns:
       ``(report, curves)``: ``report = {"n_members", "n_nonmembers", "shadows": {...},
-      "models": {name: {attack: metrics}}}`` with attacks from :data:`SUITE_ATTACKS` and the
-      metrics of :func:`default_mia`; ``curves = {name: {attack: (fpr, tpr)}}`` for every
+      "models": {name: {attack: metrics}}}`` with attacks from `SUITE_ATTACKS` and the
+      metrics of `default_mia`; ``curves = {name: {attack: (fpr, tpr)}}`` for every
       attack but the learned one. With ``return_scores`` a third item
       ``{name: {attack: (member_scores, nonmember_scores)}}`` (same attacks as ``curves``).
     """
@@ -301,7 +302,7 @@ def full_suite(
         phi_s = np.concatenate([sh_m.phi, sh_h.phi], axis=1)
         mask = np.concatenate([sh_m.in_mask, sh_h.in_mask], axis=1)
         for kind, online in (("lira_online", True), ("lira_offline", False)):
-            s = A.lira_scores(phi_t, phi_s, mask, online=online)
+            s = lira.lira_scores(phi_t, phi_s, mask, online=online)
             scores[kind] = (s[:nf], s[nf:])
         for k, (sm, sn) in scores.items():
             res[k] = _metrics(sm, sn)
