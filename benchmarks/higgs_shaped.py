@@ -42,6 +42,7 @@ from jax.flatten_util import ravel_pytree
 import mini_unlearn_jax as mu
 from mini_unlearn_jax.core import certificate as cert
 from mini_unlearn_jax.core import methods as M
+from mini_unlearn_jax.core import registry as R
 from mini_unlearn_jax.core.snapshots import nbytes
 from mini_unlearn_jax.evaluation import metrics as mt
 
@@ -181,7 +182,7 @@ def cell(problem: M.Problem, ds: mu.Dataset, ratio: float, p_orig_test: np.ndarr
     forget = np.sort(np.random.default_rng(seed).choice(n, max(1, int(round(ratio * n))), replace=False))
     keep = M.keep_mask(n, forget)
     obj = problem.objective
-    ret = M.run_method("retrain", problem, forget)
+    ret = R.run_method("retrain", problem, forget)
     row = {"ratio": ratio, "r": int(forget.size), "retrain_s": ret.time_s, "retrain_compile_s": ret.compile_s,
            "retrain_steps": ret.info["steps"]}
     p_ref = probs64(ret.params, ds.x_test)
@@ -197,7 +198,7 @@ def cell(problem: M.Problem, ds: mu.Dataset, ratio: float, p_orig_test: np.ndarr
     row["retrain_cert"] = c_ret.bound if c_ret.is_bound else None
     row["original_dist_to_retrain"] = mt.param_distance(problem.params, ret.params)
     for m in methods:
-        out = M.run_method(m, problem, forget)
+        out = R.run_method(m, problem, forget)
         p_u = probs64(out.params, ds.x_test)
         c = cert.certify(obj, out.params, problem.x, problem.y, keep)
         d_exact = float(np.linalg.norm(flat(out.params) - w_exact))

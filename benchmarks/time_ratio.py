@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from mini_unlearn_jax.app.recipes import build_problem
-from mini_unlearn_jax.core import methods as M
+from mini_unlearn_jax.core import registry as R
 from mini_unlearn_jax.core.snapshots import nbytes
 
 
@@ -50,10 +50,10 @@ def build(spec: str, model_name: str, l2: float, hidden: int = 256):
 
 def cell(problem, n, ratio, methods, seed=0):
     forget = np.sort(np.random.default_rng(seed).choice(n, max(1, int(round(ratio * n))), replace=False))
-    ret = M.run_method("retrain", problem, forget)
+    ret = R.run_method("retrain", problem, forget)
     row = {"n": n, "r": int(forget.size), "ratio": ratio, "retrain_s": ret.time_s, "retrain_compile_s": ret.compile_s}
     for m in methods:
-        out = M.run_method(m, problem, forget)
+        out = R.run_method(m, problem, forget)
         row[f"{m}_s"] = out.time_s
         row[f"{m}_compile_s"] = out.compile_s
         row[f"{m}_ratio"] = out.time_s / ret.time_s

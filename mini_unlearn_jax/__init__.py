@@ -10,20 +10,20 @@ the evaluation and checkpoint names load on first use, so ``import mini_unlearn_
 
 import importlib
 
+from .core import methods as _builtin_methods  # noqa: F401  (registers the built-in methods)
+
 # the public names, grouped by task in __all__ below
 from .core.adapters import Model, as_model, find_head, update_module
 from .core.certificate import Certificate, certify, certify_removal
 from .core.linalg import EKFAC, fit_stats
-from .core.methods import METHODS, Method, applicable, get_method, register_method, run_method
 from .core.mini import (
     MiniConfig,
-    UnlearnError,
-    UnlearnResult,
     fixed_point_unlearn,
     fixed_point_unlearn_many,
     pad_request,
     unlearn_core,
 )
+from .core.mini_result import UnlearnError, UnlearnResult
 from .core.models import (
     MLP,
     LogisticRegression,
@@ -34,6 +34,16 @@ from .core.models import (
     make_objective,
 )
 from .core.problem import MethodOutput, Problem
+from .core.registry import (
+    METHODS,
+    Method,
+    applicable,
+    get_method,
+    methods_for,
+    register_method,
+    run_method,
+    unregister_method,
+)
 from .core.snapshots import (
     SnapshotBuffer,
     SnapshotState,
@@ -58,7 +68,7 @@ from .core.unlearning import (
 # name -> module that defines it, imported when the name is first read (PEP 562)
 _LAZY = {
     # evaluation
-    "attacks": "evaluation.attacks", "privacy": "evaluation.privacy",
+    "attacks": "evaluation.attacks", "lira": "evaluation.lira", "privacy": "evaluation.privacy",
     "agreement": "evaluation.metrics", "mean_kl": "evaluation.metrics",
     "predict_probs": "evaluation.metrics", "rel_param_error": "evaluation.metrics",
     "AuditReport": "evaluation.audit", "audit_params": "evaluation.audit",
@@ -93,11 +103,12 @@ __all__ = [
     "Problem", "make_problem", "unlearn", "choose_method", "Unlearned", "UnlearnedBatch", "after_removal",
     "UnlearnError",
     # methods
-    "METHODS", "Method", "MethodOutput", "applicable", "get_method", "register_method", "run_method",
+    "METHODS", "Method", "MethodOutput", "applicable", "get_method", "methods_for", "register_method",
+    "unregister_method", "run_method",
     "TrajectoryConfig", "MiniConfig", "UnlearnResult", "fixed_point_unlearn", "fixed_point_unlearn_many",
     "unlearn_core", "pad_request", "Certificate", "certify", "certify_removal",
     # evaluation
-    "attacks", "privacy", "agreement", "mean_kl", "predict_probs", "rel_param_error", "AuditReport", "audit_params",
+    "attacks", "lira", "privacy", "agreement", "mean_kl", "predict_probs", "rel_param_error", "AuditReport", "audit_params",
     # checkpoints, data, deletion
     "Run", "load_run", "save_run", "save_problem", "audit_run", "retire_run", "DataError", "Dataset", "load_dataset",
 ]

@@ -16,6 +16,7 @@ from mini_unlearn_jax.app.data import synthetic
 from mini_unlearn_jax.core import certificate as C
 from mini_unlearn_jax.core import linalg as cv
 from mini_unlearn_jax.core import methods as M
+from mini_unlearn_jax.core import registry as R
 from mini_unlearn_jax.core.models import (
     LogisticRegression,
     all_params_mask,
@@ -110,9 +111,9 @@ def test_bound_holds_for_logistic_regression_against_sklearn(logreg, ratio):
     assert oracle.is_bound and oracle.bound < 1e-5
     slack = oracle.bound + np.linalg.norm(w_r - _flat64(_linear_params(kernel, bias)))  # sklearn's error + float32 cast
 
-    mini = M.run_method("mini", problem, forget)
+    mini = R.run_method("mini", problem, forget)
     assert mini.converged, mini.reason
-    retrain = M.run_method("retrain", problem, forget)
+    retrain = R.run_method("retrain", problem, forget)
     for name, params in (("original", problem.params), ("mini", mini.params), ("retrain", retrain.params)):
         err = np.linalg.norm(_flat64(params) - w_r)
         cert = C.certify(problem.objective, params, ds.x_train, ds.y_train, keep)

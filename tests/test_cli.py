@@ -11,7 +11,7 @@ import pytest
 from mini_unlearn_jax.app.checkpoint import is_run, load_run
 from mini_unlearn_jax.app.cli import main
 from mini_unlearn_jax.app.data import load_dataset
-from mini_unlearn_jax.core import methods as M
+from mini_unlearn_jax.core import registry as R
 from mini_unlearn_jax.evaluation.metrics import predict_probs
 
 SPEC = "synthetic:n=300,n_test=100,d=6,classes=3,seed=3"
@@ -200,13 +200,13 @@ def test_missing_and_corrupted_checkpoints(run_dir, tmp_path, capsys):
 
 
 def test_non_converged_result_exits_2_and_saves_no_model(run_dir, tmp_path, monkeypatch, capsys):
-    real = M.run_method
+    real = R.run_method
 
     def failing(name, problem, forget, **kw):
         out = real(name, problem, forget, **kw)
         return out._replace(converged=False, reason="the map is not contractive here (test)", params=problem.params)
 
-    monkeypatch.setattr(M, "run_method", failing)
+    monkeypatch.setattr(R, "run_method", failing)
     out = tmp_path / "o"
     rc = main(["unlearn", "--run", str(run_dir), "--method", "mini", "--ratio", "0.1", "--out", str(out)])
     assert rc == 2
@@ -215,39 +215,84 @@ def test_non_converged_result_exits_2_and_saves_no_model(run_dir, tmp_path, monk
     assert not is_run(out) and not (out / "ckpt").exists()
 
 
+# Runs the CLI in a fresh interpreter that pauses (for the test to kill it) at one point of the
+# save: "before" the move into place (app/atomic.py's _move_into_place), or "between" its two
+# renames (just after the old result was renamed aside). The pause comes from here, not the library.
+PAUSING_CLI = r"""
+import os, sys, time
+from pathlib import Path
+from mini_unlearn_jax.app import atomic
+from mini_unlearn_jax.app.cli import main
+where, flag, argv = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+def pause():
+    flag.write_text("paused")
+    time.sleep(600)
+if where == "before":
+    real_move = atomic._move_into_place
+    def move(tmp, path, **kw):
+        pause()
+        return real_move(tmp, path, **kw)
+    atomic._move_into_place = move
+else:
+    real_rename = os.rename
+    def rename(src, dst):
+        real_rename(src, dst)
+        if ".old-" in Path(dst).name:
+            pause()
+    os.rename = rename
+sys.exit(main(argv))
+"""
+
+
 def test_interrupted_unlearn_leaves_no_valid_result(run_dir, tmp_path):
-    """Kill `unlearn` while it saves: the output directory never appears half-written."""
-    out = tmp_path / "killed"
-    env = dict(os.environ, MINI_UNLEARN_TEST_PAUSE_BEFORE_RENAME="30")
-    proc = subprocess.Popen([sys.executable, "-m", "mini_unlearn_jax", "unlearn", "--run", str(run_dir), "--method",
-                             "mini", "--ratio", "0.1", "--out", str(out)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    import time
+    """Kill `unlearn` while it saves: the output path never holds a half-written directory. A new
+    output does not appear; a replaced one still holds the old complete result (killed between
+    the renames: the old one is aside, and the next touch puts it back); nothing else is touched."""
+    (tmp_path / "mine.txt").write_text("precious")
 
-    deadline = time.time() + 240
-    partial = []
-    while time.time() < deadline and not partial:
-        partial = [p for p in tmp_path.glob(".killed.partial-*") if (p / "run.json").exists()]
-        time.sleep(0.2)
-    assert partial, "the save never reached the rename step"
-    proc.kill()
-    proc.wait()
-    assert not out.exists() and not is_run(out)
+    def killed_unlearn(out: Path, where: str, *extra: str) -> None:
+        flag = tmp_path / f"paused-{where}"
+        args = ["unlearn", "--run", str(run_dir), "--method", "mini", "--ratio", "0.2", "--out", str(out), *extra]
+        proc = subprocess.Popen([sys.executable, "-c", PAUSING_CLI, where, str(flag), *args],
+                                env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        import time
+
+        deadline = time.time() + 240
+        while time.time() < deadline and not flag.exists() and proc.poll() is None:
+            time.sleep(0.2)
+        proc.kill()
+        _, err = proc.communicate()
+        assert flag.exists(), f"the save never reached the pause: {err[-2000:]}"
+
+    fresh = tmp_path / "killed"
+    killed_unlearn(fresh, "before")
+    partial = [p for p in tmp_path.glob(".killed.partial-*") if (p / "run.json").exists()]
+    assert partial and not fresh.exists() and not is_run(fresh)  # complete, but never moved into place
+
+    out = tmp_path / "u"
+    assert main(["unlearn", "--run", str(run_dir), "--method", "mini", "--ratio", "0.1", "--out", str(out)]) == 0
+    old = tree_digest(out)
+    killed_unlearn(out, "before", "--overwrite")
+    assert tree_digest(out) == old and load_run(out).removed.size == 30
+    killed_unlearn(out, "between", "--overwrite")
+    (aside,) = tmp_path.glob(".u.old-*")
+    assert not out.exists() and tree_digest(aside) == old  # the gap: the old result complete, aside
+    assert is_run(out) and tree_digest(out) == old and load_run(out).removed.size == 30
+    assert not aside.exists() and (tmp_path / "mine.txt").read_text() == "precious"
 
 
-def test_nonconvex_model_reports_a_caveat(run_dir, tmp_path):
-    """An MLP's unlearning report carries the caveat of the method that ran (trajectory for
-    `mini`, the non-convex one for fine-tuning); a logistic-regression one carries none."""
+def test_the_report_says_whether_the_model_is_convex(run_dir, tmp_path):
+    """An MLP's unlearning report says the model is not convex and names the solver that ran
+    (trajectory unlearning for `mini`); a logistic-regression one says it is convex."""
     mlp_run = tmp_path / "mlp"
     assert main(["train", "--data", SPEC, "--model", "mlp", "--hidden", "8", "--l2", "1e-3",
                  "--out", str(mlp_run)]) == 0
     assert main(["unlearn", "--run", str(mlp_run), "--method", "mini", "--ratio", "0.1",
                  "--out", str(tmp_path / "u_mlp")]) == 0
     report = json.loads((tmp_path / "u_mlp" / "report.json").read_text())
-    assert "trajectory" in report["caveat"] and report["details"]["solver"] == "trajectory"
-    assert main(["unlearn", "--run", str(mlp_run), "--method", "finetune", "--ratio", "0.1",
-                 "--out", str(tmp_path / "u_ft")]) == 0
-    assert "mlp_limits" in json.loads((tmp_path / "u_ft" / "report.json").read_text())["caveat"]
+    assert report["convex"] is False and report["details"]["solver"] == "trajectory"
     assert main(["unlearn", "--run", str(run_dir), "--method", "mini", "--ratio", "0.1",
                  "--out", str(tmp_path / "u_lr")]) == 0
-    assert "caveat" not in json.loads((tmp_path / "u_lr" / "report.json").read_text())
+    report = json.loads((tmp_path / "u_lr" / "report.json").read_text())
+    assert report["convex"] is True and report["details"]["solver"] == "fixed-point"

@@ -10,6 +10,7 @@ from mini_unlearn_jax.app.data import synthetic
 from mini_unlearn_jax.core import deltagrad as dg
 from mini_unlearn_jax.core import linalg as cv
 from mini_unlearn_jax.core import methods as M
+from mini_unlearn_jax.core import registry as R
 from mini_unlearn_jax.core.models import build_model, init_params, make_objective
 from mini_unlearn_jax.core.training import TrainConfig, Trainer
 from mini_unlearn_jax.evaluation.metrics import rel_param_error
@@ -31,30 +32,30 @@ FORGET = np.arange(0, 400, 5)
 
 
 def test_newton_converges_to_the_retrained_minimizer(problem):
-    ret = M.run_method("retrain", problem, FORGET)
-    one = M.run_method("newton", problem, FORGET)
+    ret = R.run_method("retrain", problem, FORGET)
+    one = R.run_method("newton", problem, FORGET)
     assert one.converged
     # one exact Newton step from w* on a strongly convex problem: far closer than doing nothing
     assert rel_param_error(one.params, ret.params, problem.params) < 0.05
 
 
 def test_finetune_with_many_steps_approaches_the_retrained_minimizer(problem):
-    ret = M.run_method("retrain", problem, FORGET)
-    few = M.run_method("finetune", problem, FORGET, steps=2)
-    many = M.run_method("finetune", problem, FORGET, steps=200)
+    ret = R.run_method("retrain", problem, FORGET)
+    few = R.run_method("finetune", problem, FORGET, steps=2)
+    many = R.run_method("finetune", problem, FORGET, steps=200)
     e_few = rel_param_error(few.params, ret.params, problem.params)
     e_many = rel_param_error(many.params, ret.params, problem.params)
     assert e_many < 1e-2 and e_many < e_few
 
 
 def test_neggrad_increases_the_loss_on_the_forget_set(problem):
-    out = M.run_method("neggrad", problem, FORGET)
+    out = R.run_method("neggrad", problem, FORGET)
     xf, yf = problem.x[FORGET], problem.y[FORGET]
     assert float(problem.objective.data_loss(out.params, xf, yf)) > float(problem.objective.data_loss(problem.params, xf, yf))
 
 
 def test_deltagrad_with_exact_steps_only_equals_its_retraining(problem):
-    out = M.run_method("deltagrad", problem, FORGET, T0=1, j0=0, steps=60, lr=0.5)
+    out = R.run_method("deltagrad", problem, FORGET, T0=1, j0=0, steps=60, lr=0.5)
     ref = M.deltagrad_retrain(problem, FORGET, T0=1, j0=0, steps=60, lr=0.5)
     assert out.converged
     np.testing.assert_allclose(ravel_pytree(out.params)[0], ravel_pytree(ref.params)[0], atol=1e-5)
@@ -69,14 +70,14 @@ def test_deltagrad_blow_up_is_reported(problem, monkeypatch):
         return jax.tree.map(lambda p: p * 1e3, params), info
 
     monkeypatch.setattr(dg, "deltagrad_unlearn", exploding)
-    out = M.run_method("deltagrad", problem, FORGET, steps=30)
+    out = R.run_method("deltagrad", problem, FORGET, steps=30)
     assert not out.converged and "diverged" in out.reason
     np.testing.assert_array_equal(ravel_pytree(out.params)[0], ravel_pytree(out.info["own_original"])[0])
 
 
 def test_unknown_method():
     with pytest.raises(ValueError, match="unknown method"):
-        M.run_method("bogus", None, [1])
+        R.run_method("bogus", None, [1])
 
 
 def test_newton_is_exact_in_one_step_on_a_quadratic():
@@ -89,6 +90,6 @@ def test_newton_is_exact_in_one_step_on_a_quadratic():
     forget = np.arange(0, 120, 4)
     keep = np.ones(120, bool)
     keep[forget] = False
-    out = M.run_method("newton", pb, forget)
+    out = R.run_method("newton", pb, forget)
     w = np.concatenate([np.asarray(out.params["kernel"])[:, 0], np.asarray(out.params["bias"])])
     np.testing.assert_allclose(w, _ridge_solution(x, y, keep, obj.l2), atol=1e-4)

@@ -11,7 +11,7 @@ import pytest
 import mini_unlearn_jax as mu
 from mini_unlearn_jax.app import cli
 from mini_unlearn_jax.app.harness import GridConfig, run_grid
-from mini_unlearn_jax.core import methods as M
+from mini_unlearn_jax.core import registry as R
 
 SPEC = "synthetic:n=300,n_test=100,d=8,classes=3,seed=2"
 
@@ -26,11 +26,11 @@ def _shrink(problem: mu.Problem, forget, factor: float = 0.5) -> mu.MethodOutput
 def toy():
     mu.register_method("toy-shrink", _shrink, summary="a toy: shrink the trained parameters")
     yield "toy-shrink"
-    M.unregister_method("toy-shrink")
+    R.unregister_method("toy-shrink")
 
 
 def test_one_registration_reaches_the_registry_the_cli_and_the_harness(toy, tmp_path, capsys):
-    assert toy in mu.METHODS and M.get_method(toy).summary.startswith("a toy")
+    assert toy in mu.METHODS and R.get_method(toy).summary.startswith("a toy")
     # the CLI: --help lists it, and `unlearn --method toy-shrink` runs it end to end
     sub = cli.build_parser()._subparsers._group_actions[0].choices["unlearn"].format_help()
     assert toy in " ".join(sub.split())
@@ -73,7 +73,7 @@ def test_a_method_that_does_not_apply_is_refused_with_its_reason(tmp_path):
         with pytest.raises(ValueError, match="does not apply to this problem: no statistics"):
             mu.run_method("needs-stats", problem, [1])
     finally:
-        M.unregister_method("needs-stats")
+        R.unregister_method("needs-stats")
 
 
 def test_retrain_without_initial_parameters_says_what_is_missing():

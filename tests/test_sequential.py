@@ -7,6 +7,7 @@ from mini_unlearn_jax.app.checkpoint import load_run
 from mini_unlearn_jax.app.cli import main
 from mini_unlearn_jax.app.data import load_dataset
 from mini_unlearn_jax.core import methods as M
+from mini_unlearn_jax.core import registry as R
 from mini_unlearn_jax.core.models import init_params
 from mini_unlearn_jax.evaluation.metrics import mean_kl, predict_probs, rel_param_error
 
@@ -33,7 +34,7 @@ def test_five_sequential_requests_match_one_request_and_retraining(tmp_path):
     ds = load_dataset(SPEC)
     problem = M.Problem(orig.objective, orig.train_config, init_params(orig.model, ds.x_train[0], 0), orig.params,
                         orig.snapshots, orig.stats, jnp.asarray(ds.x_train), jnp.asarray(ds.y_train))
-    ret = M.run_method("retrain", problem, np.concatenate(chunks))
+    ret = R.run_method("retrain", problem, np.concatenate(chunks))
     p_ret = predict_probs(orig.objective, ret.params, ds.x_test)
     kl_orig = mean_kl(p_ret, predict_probs(orig.objective, orig.params, ds.x_test))
     for name, r in (("chain", chain), ("once", once)):

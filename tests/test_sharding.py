@@ -35,11 +35,11 @@ SCRIPT = textwrap.dedent("""
     g1 = removed_grad_sum(obj, st.params, jnp.asarray(ds.x_train[:128]), jnp.asarray(ds.y_train[:128]), jnp.ones(128), 64)
     np.testing.assert_allclose(ravel_pytree(f(st.params, xr))[0], ravel_pytree(g1)[0], rtol=1e-5, atol=1e-6)
     # LiRA shadow models: the shadow axis sharded over the mesh gives the same models
-    from mini_unlearn_jax.evaluation import attacks as A
+    from mini_unlearn_jax.evaluation import lira
     init = lambda k: jax.tree.map(lambda a: a + 0.01 * jax.random.normal(k, a.shape), p0)
     kw = dict(num_shadows=8, steps=20, lr=0.05)
-    s1 = A.train_shadow_models(obj, init, ds.x_train[:200], ds.y_train[:200], jax.random.key(3), **kw)
-    s8 = A.train_shadow_models(obj, init, ds.x_train[:200], ds.y_train[:200], jax.random.key(3), mesh=mesh, **kw)
+    s1 = lira.train_shadow_models(obj, init, ds.x_train[:200], ds.y_train[:200], jax.random.key(3), **kw)
+    s8 = lira.train_shadow_models(obj, init, ds.x_train[:200], ds.y_train[:200], jax.random.key(3), mesh=mesh, **kw)
     np.testing.assert_array_equal(s1.in_mask, s8.in_mask)
     for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)

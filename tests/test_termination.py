@@ -17,6 +17,7 @@ from mini_unlearn_jax.app.data import synthetic
 from mini_unlearn_jax.core import linalg as cv
 from mini_unlearn_jax.core import methods as M
 from mini_unlearn_jax.core import mini as ul
+from mini_unlearn_jax.core import registry as R
 from mini_unlearn_jax.core.models import (
     Objective,
     build_model,
@@ -98,7 +99,7 @@ def test_first_step_exit_reports_no_rate_and_no_estimate(logreg):
     assert np.isnan(float(res.contraction)) and np.isnan(float(res.error_estimate))
     assert np.isnan(float(res.stats.rate)) and int(res.stats.rate_ratios) == 0
     # the one step (an EKFAC Newton step) still moves towards the retrained model
-    ret = M.run_method("retrain", pb, forget)
+    ret = R.run_method("retrain", pb, forget)
     assert rel_param_error(res.params, ret.params, pb.params) < 1.0
 
 
@@ -345,7 +346,7 @@ def test_float64_end_to_end_under_x64(logreg):
         _, pb = _logreg_problem(np.float64)
         res = ul.fixed_point_unlearn(*_args(pb), forget, stats=pb.stats)
         assert all(a.dtype == jnp.float64 for a in jax.tree.leaves(res.params)) and bool(res.converged)
-        ret = M.run_method("retrain", pb, forget)
+        ret = R.run_method("retrain", pb, forget)
         rel64 = rel_param_error(res.params, ret.params, pb.params)
         as64 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), t)
         rel32 = rel_param_error(as64(res32.params), ret.params, pb.params)

@@ -7,7 +7,9 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from mini_unlearn_jax.app.data import synthetic
+from mini_unlearn_jax.core import baselines as B
 from mini_unlearn_jax.core import methods as M
+from mini_unlearn_jax.core import registry as R
 from mini_unlearn_jax.core import trajectory as TJ
 from mini_unlearn_jax.core.models import build_model, init_params, make_objective
 from mini_unlearn_jax.core.training import TrainConfig, Trainer
@@ -167,7 +169,7 @@ def test_method_on_a_tiny_mlp_against_retraining(tiny):
     profile = TJ.memorisation_profile(obj, traj, problem.x, problem.y, xv, yv)
     assert profile.shape == (10,) and float(profile[-1]) > 0.1  # the original fits its training set better than unseen data
     out = TJ.run_trajectory(problem, forget, trajectory=traj, x_val=xv, y_val=yv, profile=profile)
-    ret = M.run_method("retrain", problem, forget)
+    ret = R.run_method("retrain", problem, forget)
     assert out.converged and 0 <= out.info["rewind_step"] < cfg.steps
     assert out.info["steps"] == 60  # budget 0.15 of 400 steps
     # the rule's noise is reported with its choice: the held-out standard error of every snapshot's gap
@@ -202,9 +204,9 @@ def test_a_new_request_size_reuses_the_compiled_program(tiny):
 def test_baselines_run_and_keep_shapes(tiny):
     ds, obj, cfg, problem, traj = tiny
     forget = np.arange(0, 300, 5)
-    for out in (TJ.run_from_init(problem, forget, steps=5), TJ.run_finetune(problem, forget, steps=5),
-                TJ.run_scrub(problem, forget, steps=5, max_steps=2, lr=1e-3),
-                TJ.run_salun(problem, forget, steps=5, lr=1e-3)):
+    for out in (B.run_from_init(problem, forget, steps=5), B.run_finetune(problem, forget, steps=5),
+                B.run_scrub(problem, forget, steps=5, max_steps=2, lr=1e-3),
+                B.run_salun(problem, forget, steps=5, lr=1e-3)):
         assert out.converged
         assert jax.tree.map(jnp.shape, out.params) == jax.tree.map(jnp.shape, problem.params)
 

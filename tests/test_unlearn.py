@@ -12,6 +12,8 @@ from mini_unlearn_jax.app.data import synthetic
 from mini_unlearn_jax.core import linalg as cv
 from mini_unlearn_jax.core import methods as M
 from mini_unlearn_jax.core import mini as ul
+from mini_unlearn_jax.core import mini_curvature
+from mini_unlearn_jax.core import registry as R
 from mini_unlearn_jax.core.models import Objective, build_model, init_params, make_objective
 from mini_unlearn_jax.core.snapshots import snapshot_buffer
 from mini_unlearn_jax.core.training import TrainConfig, Trainer, default_config
@@ -86,11 +88,11 @@ def test_mini_is_close_to_retraining_at_high_ratios(logreg, ratio):
     ds, problem = logreg
     rng = np.random.default_rng(0)
     forget = rng.choice(ds.n_train, int(ratio * ds.n_train), replace=False)
-    ret = M.run_method("retrain", problem, forget)
+    ret = R.run_method("retrain", problem, forget)
     p_ret = predict_probs(problem.objective, ret.params, ds.x_test)
     kl_orig = mean_kl(p_ret, predict_probs(problem.objective, problem.params, ds.x_test))
     for name, rel_max, kl_max in (("mini", 0.5, 0.1), ("mini-lite", 0.8, 1.0)):
-        out = M.run_method(name, problem, forget)
+        out = R.run_method(name, problem, forget)
         assert out.converged, out.reason
         chex.assert_tree_all_finite(out.params)
         rel = rel_param_error(out.params, ret.params, problem.params)
@@ -113,7 +115,7 @@ def test_retrain_matches_sklearn_logistic_regression():
     keep[forget] = False
     p0 = init_params(model, ds.x_train[0], 0)
     problem = M.Problem(obj, cfg, p0, p0, None, None, jnp.asarray(ds.x_train), jnp.asarray(ds.y_train))
-    ret = M.run_method("retrain", problem, forget)
+    ret = R.run_method("retrain", problem, forget)
     sk = LogisticRegression(C=1.0 / (l2 * keep.sum()), tol=1e-10, max_iter=5000).fit(ds.x_train[keep], ds.y_train[keep])
     p_sk = sk.predict_proba(ds.x_test)
     p_ours = predict_probs(obj, ret.params, ds.x_test)
@@ -205,11 +207,11 @@ def test_api_input_checks(logreg):
 
 def test_bitwise_determinism(logreg):
     ds, problem = logreg
-    a = M.run_method("mini", problem, np.arange(0, 600, 7))
-    b = M.run_method("mini", problem, np.arange(0, 600, 7))
+    a = R.run_method("mini", problem, np.arange(0, 600, 7))
+    b = R.run_method("mini", problem, np.arange(0, 600, 7))
     np.testing.assert_array_equal(ravel_pytree(a.params)[0], ravel_pytree(b.params)[0])
-    r1 = M.run_method("retrain", problem, np.arange(0, 600, 7))
-    r2 = M.run_method("retrain", problem, np.arange(0, 600, 7))
+    r1 = R.run_method("retrain", problem, np.arange(0, 600, 7))
+    r2 = R.run_method("retrain", problem, np.arange(0, 600, 7))
     np.testing.assert_array_equal(ravel_pytree(r1.params)[0], ravel_pytree(r2.params)[0])
 
 
@@ -329,13 +331,13 @@ def test_subsampled_removed_curvature_estimate_and_solve(logreg):
     probs_r = jax.nn.softmax(obj.apply_fn(problem.params, xr), -1)
     exact = cv.ekfac_removed_sum(stats, xr, probs_r, jnp.asarray(mask))
     # a sample covering every row is the exact sum; a smaller one is an estimate of it
-    np.testing.assert_allclose(ul._removed_ekfac_sum(stats, xr, probs_r, jnp.asarray(mask), 0), exact, rtol=1e-6)
-    np.testing.assert_allclose(ul._removed_ekfac_sum(stats, xr, probs_r, jnp.asarray(mask), 1024), exact, rtol=1e-6)
-    est = ul._removed_ekfac_sum(stats, xr, probs_r, jnp.asarray(mask), 128)
+    np.testing.assert_allclose(mini_curvature._removed_ekfac_sum(stats, xr, probs_r, jnp.asarray(mask), 0), exact, rtol=1e-6)
+    np.testing.assert_allclose(mini_curvature._removed_ekfac_sum(stats, xr, probs_r, jnp.asarray(mask), 1024), exact, rtol=1e-6)
+    est = mini_curvature._removed_ekfac_sum(stats, xr, probs_r, jnp.asarray(mask), 128)
     rel = float(jnp.linalg.norm(est - exact) / jnp.linalg.norm(exact))
     assert rel < 0.2, rel
     # the estimate shapes only the preconditioner: the refined solve still matches retraining
-    ret = M.run_method("retrain", problem, forget)
+    ret = R.run_method("retrain", problem, forget)
     for sample in (0, 128):
         res = ul.fixed_point_unlearn(obj, problem.params, problem.snapshots, problem.x, problem.y, forget, stats=stats,
                          config=ul.MiniConfig(precond_sample=sample))

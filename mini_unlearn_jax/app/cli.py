@@ -22,7 +22,7 @@ are documented in docs/cli.md ("What report.json holds").
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import inspect
 import json
 import sys
 import time
@@ -37,28 +37,6 @@ from .runtime import process_wall_s
 EXIT_BAD_INPUT, EXIT_NOT_CONVERGED, EXIT_AUDIT_FAIL, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
-
-TRAJECTORY_CAVEAT = (
-    "non-convex model, unlearned by trajectory unlearning (rewind along the run's trajectory buffer, a short "
-    "retraining on the remaining data, temperature calibration): an approximation of retraining, not a "
-    "guarantee. On the leaky MLP of experiments/results/privacy/table.md its loss-attack and LiRA AUC were "
-    "within 0.03 of retraining's at 10 % and 30 % removal on three seeds; on the 10,000-image MLP of "
-    "experiments/results/fidelity/table.md its test accuracy was within 0.5 points of retraining's at 1-50 % "
-    "removal (one seed), while on a 600-step MLP (experiments/results/trajectory_budget_grid_mlp) the default "
-    "budget left it 0.5-0.9 points below and --budget 0.25 brought it within 0.3 points at 0.17 of "
-    "retraining's time; a plain retraining from the initialisation for the same time was less accurate, "
-    "with AUC gaps that differ from this one's within noise (twelve seeds, non-members exchangeable with the "
-    "forget set: experiments/results/trajectory_block_12seeds; with test-image non-members the baseline's "
-    "LiRA gap was smaller by about 0.006 at 30 %, an effect of those non-members). Measure it "
-    "with --compare-retrain --mia, and retrain where the removed examples must provably not be memorised.")
-
-TRAJECTORY_BUDGET_DEFAULT = 0.15  # core.trajectory.TrajectoryConfig().budget (no jax import here)
-
-NONCONVEX_CAVEAT = (
-    "non-convex model: approximate unlearning finds parameters near the trained ones that fit the "
-    "remaining data; on the project's MLPs this does not reproduce retraining's predictions or its "
-    "membership-inference resistance (see experiments/results/mlp_limits/table.md). Measure it with "
-    "--compare-retrain --mia, and retrain where the removed examples must provably not be memorised.")
 
 def log(msg: str) -> None:
     print(f"[mini-unlearn] {msg}", file=sys.stderr, flush=True)
@@ -85,12 +63,13 @@ def cmd_train(args) -> int:
     from ..core.snapshots import nbytes
     from ..core.training import default_config
     from ..evaluation.metrics import accuracy, predict_probs
+    from . import atomic
     from . import checkpoint as ck
     from .data import load_dataset
     from .recipes import build_problem, keeps_trajectory, unread_test_indices, validation_indices
 
     out = Path(args.out)
-    ck.check_output_dir(out)  # a new or empty directory only: train never replaces anything
+    atomic.check_output_dir(out)  # a new or empty directory only: train never replaces anything
     if not (args.l2 >= 0 and np.isfinite(args.l2)):
         raise UsageError(f"--l2 must be a finite number >= 0, got {args.l2}")
     ds = load_dataset(args.data)
@@ -271,29 +250,26 @@ def load_problem(run):
 
 def cmd_unlearn(args) -> int:
     from ..core import methods as M
+    from ..core import registry as R
+    from . import atomic
     from . import checkpoint as ck
 
     # every check that needs neither the run nor the data comes first (loading takes seconds)
-    if args.method not in M.METHODS:
-        raise UsageError(f"unknown --method {args.method!r}: choose one of {', '.join(M.METHODS)}")
+    if args.method not in R.METHODS:
+        raise UsageError(f"unknown --method {args.method!r}: choose one of {', '.join(R.METHODS)}")
     check_ratio_args(args)
-    if args.budget is not None:
-        if not 0 < args.budget <= 1:
-            raise UsageError(f"--budget is a fraction of the training recipe's steps, in (0, 1]; got {args.budget} "
-                             f"(1 costs as many steps as retraining; the default is "
-                             f"{TRAJECTORY_BUDGET_DEFAULT})")
-        if args.method not in ("mini", "trajectory"):
-            raise UsageError(f"--budget sets trajectory unlearning's retraining budget; --method {args.method} "
-                             "does not retrain along a trajectory. Drop --budget, or use --method mini.")
+    if args.budget is not None and not 0 < args.budget <= 1:
+        raise UsageError(f"--budget is a fraction of the training recipe's steps, in (0, 1]; got {args.budget} "
+                         "(1 costs as many steps as retraining)")
     from_file = read_forget_file(Path(args.forget)) if args.forget is not None else None
     out = Path(args.out)
     run_dir = Path(args.run).absolute()
     if out.absolute() == run_dir or run_dir in out.absolute().parents:
         raise UsageError("--out must not be the run directory or inside it: the trained run is never modified")
-    ck.check_output_dir(out, overwrite=args.overwrite)  # --overwrite replaces only a result of ours, nothing else
+    atomic.check_output_dir(out, overwrite=args.overwrite)  # --overwrite replaces only a result of ours, nothing else
     probs_file = Path(args.export_probs) if args.export_probs else None
     if probs_file is not None:
-        ck.check_output_file(probs_file, overwrite=args.overwrite)
+        atomic.check_output_file(probs_file, overwrite=args.overwrite)
     meta0 = ck.read_meta(run_dir)  # a missing or foreign run directory fails here, before anything heavy
     if args.retire_source:  # a run that retire would refuse is refused now, before any work
         from .retire import check_retirable
@@ -306,6 +282,7 @@ def cmd_unlearn(args) -> int:
 
     from ..core.snapshots import nbytes
     from ..evaluation import metrics as mt
+    from ..evaluation.compare import compare, evaluate
 
     t_load = time.perf_counter()
     run = ck.load_run(run_dir)
@@ -317,31 +294,31 @@ def cmd_unlearn(args) -> int:
     n = int(alive.size)
     load_s = time.perf_counter() - t_load
     log(f"{args.method}: removing {forget.size} of {n} examples ({forget.size / n:.1%})")
-    res = M.run_method(args.method, problem, local, **({} if args.budget is None else {"budget": args.budget}))
+    if args.budget is not None and R.applicable("trajectory", problem) is not None:
+        raise UsageError(f"--budget sets trajectory unlearning's retraining budget, and trajectory unlearning does not "
+                         f"apply to this run: {R.applicable('trajectory', problem)}. Drop --budget.")
+    options = {} if args.budget is None else {"budget": args.budget}
+    try:
+        inspect.signature(R.get_method(args.method).run).bind(problem, local, **options)
+    except TypeError:
+        raise UsageError(f"--budget sets trajectory unlearning's retraining budget; --method {args.method} "
+                         "does not retrain along a trajectory. Drop --budget, or use --method mini.") from None
+    res = R.run_method(args.method, problem, local, **options)
     log(f"{args.method}: {res.reason} in {res.time_s:.3f}s (+{res.compile_s:.2f}s compile)")
 
-    keep = M.keep_mask(n, local).astype(bool)
     original = res.info.get("own_original", run.params)
     unread = nonmember_indices(meta, len(ds.x_test))
     x_test, y_test = ds.x_test[unread], ds.y_test[unread]
-    p_test = mt.predict_probs(run.objective, res.params, x_test)
-    p_forget = mt.predict_probs(run.objective, res.params, x[local])
-    p_retain = mt.predict_probs(run.objective, res.params, x[keep])
     report = {
         "method": args.method, "ratio": float(forget.size / n), "n_train": n, "n_removed": int(forget.size),
-        "converged": bool(res.converged), "reason": res.reason,
+        "converged": bool(res.converged), "reason": res.reason, "convex": bool(run.objective.is_convex),
         "unlearn_s": res.time_s, "time_s": res.time_s, "compile_s": res.compile_s, "load_s": load_s,
-        "test_acc": mt.accuracy(p_test, y_test), "n_test": int(unread.size),
-        "forget_acc": mt.accuracy(p_forget, np.asarray(y)[local]),
-        "retain_acc": mt.accuracy(p_retain, np.asarray(y)[keep]),
+        **evaluate(run.objective, res.params, x, y, local, x_test, y_test), "n_test": int(unread.size),
         "seed": args.seed, "run": str(run_dir), "data_spec": meta["data_spec"],
         "param_count": meta["param_count"], "snapshot_buffer_bytes": meta["snapshot_buffer_bytes"],
         "curvature_stats_bytes": meta["curvature_stats_bytes"],
         "details": {k: v for k, v in res.info.items() if k != "own_original"},
     }
-    if run.objective.kind != "logreg" and args.method != "retrain":
-        report["caveat"] = TRAJECTORY_CAVEAT if res.info.get("solver") == "trajectory" else NONCONVEX_CAVEAT
-        log(f"caveat: {report['caveat']}")
     if res.converged:
         # ready the result for the next request: buffer and curvature statistics at the new
         # parameters (one pass over the remaining data; part of what a request costs)
@@ -359,12 +336,13 @@ def cmd_unlearn(args) -> int:
     ref = None
     if args.compare_retrain or args.mia:
         t_ref = time.perf_counter()
-        if args.method == "deltagrad":
-            log("retraining with DeltaGrad's own (S)GD recipe for reference ...")
-            ref = M.deltagrad_retrain(problem, local)
+        own = R.get_method(args.method).own_reference
+        if own is not None:
+            log(f"{args.method}: its reference is its own recipe on the remaining data ({own.__name__}) ...")
+            ref = own(problem, local)
         else:
             log(f"retraining on the remaining data for reference ({problem.train_config.steps} steps at most) ...")
-            ref = M.run_method("retrain", problem, local, verbose=True)
+            ref = R.run_method(R.ground_truth_method(), problem, local, verbose=True)
         report["reference_wall_s"] = time.perf_counter() - t_ref
     if args.mia:
         from ..evaluation.privacy import mia_for_report
@@ -373,22 +351,12 @@ def cmd_unlearn(args) -> int:
         report["mia"] = mia_for_report(problem, ds, local, res.params, ref.params, original, seed=args.seed,
                                        nonmembers=(x_test, y_test))
     if args.compare_retrain:
-        p_ref_test = mt.predict_probs(run.objective, ref.params, x_test)
-        p_ref_forget = mt.predict_probs(run.objective, ref.params, x[local])
-        p_orig_test = mt.predict_probs(run.objective, original, x_test)
-        kl_test, original_kl = mt.mean_kl(p_ref_test, p_test), mt.mean_kl(p_ref_test, p_orig_test)
         retrain_s = max(ref.time_s, 1e-12)
+        report.update(compare(run.objective, res.params, ref.params, original, x, y, local, x_test, y_test))
         report.update({
             "retrain_time_s": ref.time_s, "retrain_compile_s": ref.compile_s,
             "time_ratio": (res.time_s + report.get("refresh_s", 0.0) + report.get("certify_s", 0.0)) / retrain_s,
             "solve_time_ratio": res.time_s / retrain_s,
-            "rel_param_error": mt.rel_param_error(res.params, ref.params, original),
-            "param_error": mt.param_distance(res.params, ref.params),
-            "kl_test": kl_test, "original_kl_test": original_kl, "kl_ratio": kl_test / max(original_kl, 1e-30),
-            "kl_forget": mt.mean_kl(p_ref_forget, p_forget),
-            "agreement_test": mt.agreement(p_ref_test, p_test),
-            "retrain_test_acc": mt.accuracy(p_ref_test, y_test),
-            "original_test_acc": mt.accuracy(p_orig_test, y_test),
         })
     from .runtime import cache_counts
 
@@ -396,7 +364,7 @@ def cmd_unlearn(args) -> int:
     if not res.converged:
         report["wall_s"] = process_wall_s()
         text = json.dumps(report, indent=2, default=float)
-        ck.write_files_atomic(out, {"report.json": text}, overwrite=args.overwrite)
+        atomic.write_files_atomic(out, {"report.json": text}, overwrite=args.overwrite)
         log(f"NOT CONVERGED: {res.reason}. report.json written to {out}; no model was saved.")
         if args.retire_source:
             log(f"--retire-source: {run_dir} was not retired (there is no unlearned result to replace it)")
@@ -425,7 +393,9 @@ def cmd_unlearn(args) -> int:
                 trajectory=None if nxt_traj is None else nxt_traj.state, overwrite=args.overwrite,
                 extra_files={"report.json": text})
     if probs_file is not None:
-        ck.write_npz_atomic(probs_file, {"test": p_test.astype(np.float32), "forget": p_forget.astype(np.float32),
+        p_test = mt.predict_probs(run.objective, res.params, x_test)
+        p_forget = mt.predict_probs(run.objective, res.params, x[local])
+        atomic.write_npz_atomic(probs_file, {"test": p_test.astype(np.float32), "forget": p_forget.astype(np.float32),
                                          "forget_indices": forget, "test_indices": unread},
                             overwrite=args.overwrite)
     if args.retire_source:  # only now that the successor is complete (retire_run loads and checks it again)
@@ -446,16 +416,20 @@ def summary_line(r: dict, out: Path) -> str:
     if not r["converged"]:
         return f"{head}: NOT CONVERGED ({r['reason']}); report in {out}/report.json, no model saved"
     text = (f"{head} in {r['unlearn_s']:.2f}s + {r.get('refresh_s', 0.0):.2f}s refresh "
-            f"(+{r['compile_s'] + r.get('refresh_compile_s', 0.0):.1f}s compile), test acc {r['test_acc']:.4f}")
+            f"(+{r['compile_s'] + r.get('refresh_compile_s', 0.0):.1f}s compile); accuracy retain "
+            f"{r['retain_acc']:.4f}, forget {r['forget_acc']:.4f}, test {r['test_acc']:.4f}")
     if "time_ratio" in r:
-        text += (f"; vs retraining ({r['retrain_time_s']:.2f}s, test acc {r['retrain_test_acc']:.4f}): time ratio "
-                 f"{r['time_ratio']:.3f}, KL ratio {r['kl_ratio']:.3f}, rel param error {r['rel_param_error']:.3f}")
+        text += (f"; retraining ({r['retrain_time_s']:.2f}s): retain {r['retrain_retain_acc']:.4f}, forget "
+                 f"{r['retrain_forget_acc']:.4f}, test {r['retrain_test_acc']:.4f}; time ratio {r['time_ratio']:.3f}")
+        if r.get("convex"):  # for a convex model the retrained optimum is unique: how close it came
+            text += f", KL ratio {r['kl_ratio']:.3f}, rel param error {r['rel_param_error']:.3f}"
     if "certificate" in r:
         c = r["certificate"]
         text += (f"; certified distance to the retrained optimum <= {c['bound']:.3g}" if c["is_bound"] else
                  f"; distance to the retrained optimum ~ {c['estimate']:.3g} (an estimate: {c['reason']})")
     if "mia" in r and "auc_gap_to_retrain" in r["mia"]:
-        text += f"; MIA AUC gap to retrain {r['mia']['auc_gap_to_retrain']:+.3f}"
+        m = r["mia"]
+        text += f"; loss-attack AUC {m['unlearned']['auc']:.3f} (retraining {m['retrain']['auc']:.3f})"
     return text + f"; command {r['wall_s']:.1f}s -> {out}"
 
 
@@ -488,15 +462,15 @@ MAX_EXTRA_POOL = 20000  # retained examples added to the shadow pool at most (su
 def _write_dir_atomic(out: Path, report_text: str, curves: dict[str, tuple[Any, Any]], title: str) -> None:
     """report.json and roc.png, written by the project's one atomic directory writer (marker kind "attack")."""
     from ..evaluation import attacks as A
-    from . import checkpoint as ck
+    from . import atomic
 
     def fill(tmp: Path) -> None:
         A.plot_roc(curves, tmp / "roc.png", title=title)
         (tmp / "report.json").write_text(report_text)
 
     try:
-        ck.write_dir_atomic(out, fill, kind="attack")  # never replaces anything (attack has no --overwrite)
-    except ck.OutputExistsError as e:
+        atomic.write_dir_atomic(out, fill, kind="attack")  # never replaces anything (attack has no --overwrite)
+    except atomic.OutputExistsError as e:
         raise UsageError(str(e)) from e
 
 
@@ -506,22 +480,22 @@ def cmd_attack(args: argparse.Namespace) -> int:
     Raises ``cli.UsageError`` (or ``CheckpointError`` / ``DataError``) on bad input, before
     anything is written.
     """
-    from ..core import deltagrad as dg
     from ..core import methods as M
+    from ..core import registry as R
     from ..evaluation.privacy import (
         PLOT_ATTACKS,
-        ShadowRecipe,
         full_suite,
         shadow_recipe,
         summarize,
     )
+    from . import atomic
     from . import checkpoint as ck
 
     t_start = time.perf_counter()
     out = Path(args.out)
     try:
-        ck.check_output_dir(out)  # a new or empty directory only: attack results never replace anything
-    except ck.OutputExistsError as e:
+        atomic.check_output_dir(out)  # a new or empty directory only: attack results never replace anything
+    except atomic.OutputExistsError as e:
         raise UsageError(str(e)) from e
     if args.shadows < 2:
         raise UsageError(f"--shadows must be at least 2 (LiRA wants 16 or more), got {args.shadows}")
@@ -553,21 +527,19 @@ def cmd_attack(args: argparse.Namespace) -> int:
     ds, alive, x, y, problem = load_problem(run)
     local = np.searchsorted(alive, forget).astype(np.int32)
     cfg = run.train_config
-    params0 = problem.params0
     original = run.params
-    if method == "deltagrad":
-        log("deltagrad: its reference is its own (S)GD recipe; training that recipe on all data and without "
-             "the forget set ...")
-        dg_options = (ureport.get("details") or {}).get("config") or {}
-        dcfg = M.deltagrad_config(problem, **{k: v for k, v in dg_options.items()
-                                              if k in ("lr", "steps", "batch_size", "seed", "m", "T0", "j0")})
-        original = dg.retrain(run.objective, dcfg, params0, x, y)
-        ref = M.deltagrad_retrain(problem, local, **dataclasses.asdict(dcfg))
-        reference = "deltagrad-retrain (its own (S)GD recipe without the forget set)"
+    own = R.get_method(method).own_reference if method in R.METHODS else None
+    if own is not None:  # a method that trains its own original: its recipe on all data and without the forget set
+        options = (ureport.get("details") or {}).get("config") or {}
+        log(f"{method}: its reference is its own recipe; training it on all data and without the forget set ...")
+        original = own(problem, np.zeros(0, np.int32), **options).params
+        ref = own(problem, local, **options)
+        reference = f"{own.__name__} ({method}'s own recipe without the forget set)"
     else:
+        truth = R.ground_truth_method()
         log(f"retraining on the remaining {alive.size - forget.size} examples for reference ...")
-        ref = M.run_method("retrain", problem, local)
-        reference = "retrain (the run's recipe without the forget set)"
+        ref = R.run_method(truth, problem, local)
+        reference = f"{truth} (the run's recipe without the forget set)"
     if not ref.converged:
         raise UsageError(f"the reference retraining failed: {ref.reason}")
 
@@ -578,10 +550,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
         if kept.size > MAX_EXTRA_POOL:
             kept = np.sort(np.random.default_rng(args.seed).choice(kept, MAX_EXTRA_POOL, replace=False))
         x_extra, y_extra = x[kept], y[kept]
-    if method == "deltagrad":  # the three targets all come from DeltaGrad's (S)GD recipe
-        recipe = ShadowRecipe(int(args.shadow_steps or dcfg.steps), float(dcfg.lr), dcfg.batch_size, "sgd")
-    else:
-        recipe = shadow_recipe(cfg, args.shadow_steps)
+    # the shadows imitate the recipe that trained the three targets (a method's own, where it has one)
+    recipe = shadow_recipe(ref.info.get("train_config", cfg), args.shadow_steps)
     log(f"attacking with {args.shadows} shadow models ({recipe.optimizer_name}, {recipe.steps} steps, "
          f"{'full batch' if recipe.batch_size is None else f'batch {recipe.batch_size}'}) ...")
 
@@ -701,13 +671,20 @@ def cmd_retire(args) -> int:
 # -- entry point ----------------------------------------------------------------------------
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Shows an option's default where it has one that its help does not already state."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.required or any(action.default is v for v in (None, False, argparse.SUPPRESS))
+                or "(default" in text or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
-    from ..core import methods as M
+    from ..core import registry as R
 
     p = argparse.ArgumentParser(prog="mini-unlearn", description="Train, unlearn and evaluate (Mini-Unlearning in JAX).",
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=_Formatter)
@@ -737,14 +714,14 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_Formatter)
     u.add_argument("--run", required=True, help="run directory from `train` (or an earlier `unlearn`)")
     u.add_argument("--method", default="mini", metavar="NAME",
-                   help="unlearning method, one of the registry's -- " + "; ".join(M.describe().splitlines()))
+                   help="unlearning method, one of the registry's -- " + "; ".join(R.describe().splitlines()))
     u.add_argument("--ratio", type=float, help="remove this fraction of the remaining examples, drawn with --seed")
     u.add_argument("--forget", help="file of training indices to remove: .npy integer array, or text with one per line")
     u.add_argument("--seed", type=int, default=0, help="seed of the --ratio draw and of the MIA subsampling")
     u.add_argument("--budget", type=float, metavar="F",
                    help="trajectory runs (MLPs): retrain for this fraction of the training recipe's steps "
-                        f"(default {TRAJECTORY_BUDGET_DEFAULT}, read on a 10,000-image MLP of 1,200 steps; a "
-                        "short recipe may need more to match retraining's accuracy, at that much more time)")
+                        "(default: TrajectoryConfig.budget, docs/cli.md; a short recipe may need more to match "
+                        "retraining's accuracy, at that much more time)")
     u.add_argument("--compare-retrain", action="store_true",
                    help="also retrain on the remaining data and report fidelity and time ratios against it")
     u.add_argument("--out", required=True, help="new (or empty) directory for the result")

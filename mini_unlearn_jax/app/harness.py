@@ -56,6 +56,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -74,11 +75,12 @@ import numpy as np
 
 from ..core import aot
 from ..core import methods as M
-from ..core.problem import keep_mask
+from ..core import registry as R
 from ..core.snapshots import nbytes
 from ..core.training import TrainConfig
 from ..evaluation import attacks as A
 from ..evaluation import metrics as mt
+from ..evaluation.compare import compare
 from . import recipes
 from .data import DataError
 
@@ -90,7 +92,7 @@ REPORTS = ("grid", "fidelity")
 MODEL_KEYS = ({"recipe", "data", "model", "l2", "hidden", "penalize_bias", "trajectory"}
               | {f.name for f in dataclasses.fields(TrainConfig)} - {"seed"})
 FORGET_SCORE_MIN_SEEDS = 8
-TARGET_KEYS = {"method", "ratios", "kl_ratio", "rel_param_error", "time_ratio"}
+TARGET_KEYS = {"method", "ratios", "kl_ratio", "rel_param_error", "time_ratio", "beat"}
 
 
 # -- configuration --------------------------------------------------------------------------
@@ -113,8 +115,9 @@ class GridConfig:
       report: ``"grid"`` or ``"fidelity"`` (the reports' format).
       resume: skip cells already in ``results.jsonl`` (False: rerun them, replacing their rows).
       reference_rows: add a row for the reference (``retrain``) wherever it ran.
-      targets: the fidelity report's acceptance check: ``method``, ``ratios`` and upper bounds on
-        ``kl_ratio``, ``rel_param_error``, ``time_ratio``.
+      targets: the fidelity report's acceptance check: ``method``, ``ratios``, upper bounds on
+        ``kl_ratio``, ``rel_param_error``, ``time_ratio``, and ``beat``: methods (with or without
+        options) whose ``kl_test`` the method must be below in the same cell.
       title, intro: the report's heading and the paragraph below it.
       forget_seed: draw the uniform forget sets from this seed for every model seed (default: the
         cell's seed), so that the models of different seeds forget the same examples.
@@ -178,7 +181,7 @@ class GridConfig:
                 raise ValueError(f"ratio {r!r}: the fidelity report shows uniform ratios only (fractions or N%)")
         for label in self.methods:
             name, _ = parse_method(label)
-            if M.get_method(name).reference:
+            if R.get_method(name).ground_truth:
                 raise ValueError(f"method {name!r} is the reference every method is compared with; "
                                  "set reference_rows = true for rows of it")
         if len(set(map(str, self.methods))) != len(self.methods):
@@ -196,6 +199,8 @@ class GridConfig:
         bad = set(self.targets) - TARGET_KEYS
         if bad:
             raise ValueError(f"targets: unknown keys {sorted(bad)}; use {', '.join(sorted(TARGET_KEYS))}")
+        if self.targets and "method" not in self.targets:
+            raise ValueError("targets: name the method they are for (method = \"mini\")")
         for r in self.targets.get("ratios", []):
             parse_ratio(r)
         if self.forget_score:
@@ -276,7 +281,7 @@ def parse_method(label: str) -> tuple[str, dict]:
     if not isinstance(label, str):
         raise ValueError(f"a method is a string NAME or NAME:KEY=VALUE[+KEY=VALUE...], got {label!r}")
     name, _, rest = label.partition(":")
-    M.get_method(name)  # ValueError naming the registered methods
+    R.get_method(name)  # ValueError naming the registered methods
     options = {}
     for item in filter(None, rest.split("+")):
         key, eq, value = item.partition("=")
@@ -415,26 +420,20 @@ def _requests(kind: str, value, times: int, n: int, y, seed: int) -> list[np.nda
 
 
 class _Reference:
-    """A reference (retrained) model of a cell and the original model it is compared with."""
+    """A cell's reference: the ground-truth output and the original model it is compared with."""
 
-    def __init__(self, mdl: _Model, name: str, out: M.MethodOutput, original):
-        obj, ds = mdl.trained.problem.objective, mdl.trained.dataset
-        self.name, self.out, self.params, self.original = name, out, out.params, original
-        self.time_s = out.time_s
-        self.p_test = mt.predict_probs(obj, out.params, ds.x_test)
-        self.p_orig_test = mt.predict_probs(obj, original, ds.x_test)
-        self.original_kl = mt.mean_kl(self.p_test, self.p_orig_test)
-        self.test_acc = mt.accuracy(self.p_test, ds.y_test)
-        self.original_test_acc = mt.accuracy(self.p_orig_test, ds.y_test)
+    def __init__(self, name: str, out: M.MethodOutput, original):
+        self.name, self.out, self.params, self.original, self.time_s = name, out, out.params, original, out.time_s
 
 
-def _own_reference(mdl: _Model, name: str, options: dict, res: M.MethodOutput, forget) -> _Reference | None:
-    """DeltaGrad replays its own (S)GD recipe: its ground truth is that recipe on the remaining data
-    (``deltagrad_retrain`` with the same options) and its original model ``info['own_original']``."""
-    if name != "deltagrad":
+def _own_reference(name: str, options: dict, res: M.MethodOutput, pb, forget) -> _Reference | None:
+    """The method's own ground truth, for a method that trains its own original model (the
+    registry's `own_reference`; e.g. DeltaGrad's (S)GD recipe), with that original
+    (`info['own_original']`); None for the others."""
+    own = R.get_method(name).own_reference
+    if own is None:
         return None
-    pb = mdl.trained.problem
-    return _Reference(mdl, "deltagrad_retrain", M.deltagrad_retrain(pb, forget, **options), res.info["own_original"])
+    return _Reference(own.__name__, own(pb, forget, **options), res.info["own_original"])
 
 
 def _jsonable(d: dict) -> dict:
@@ -455,44 +454,18 @@ def _jsonable(d: dict) -> dict:
 
 def _evaluate(mdl: _Model, res: M.MethodOutput, ref: _Reference, forget, memory_bytes: int, mia: bool) -> dict:
     pb, ds = mdl.trained.problem, mdl.trained.dataset
-    obj = pb.objective
-    x, y = pb.x, np.asarray(pb.y)
-    keep = keep_mask(x.shape[0], forget).astype(bool)
-    p_test = mt.predict_probs(obj, res.params, ds.x_test)
-    p_forget = mt.predict_probs(obj, res.params, x[forget])
-    p_retain = mt.predict_probs(obj, res.params, x[np.flatnonzero(keep)])
-    kl = mt.mean_kl(ref.p_test, p_test)
-    p_ref_forget = mt.predict_probs(obj, ref.params, x[forget])
-    yf = y[forget]
-    ce = lambda p: float(np.mean(-np.log(np.clip(p[np.arange(len(yf)), yf], 1e-30, 1.0)))) if len(yf) else float("nan")
-    row = {
-        "n_removed": int(np.size(forget)), "reference": ref.name,
-        "n_test": int(len(ds.y_test)), "n_test_held_out": mdl.record["n_test_held_out"],
-        "test_acc": mt.accuracy(p_test, ds.y_test),
-        "forget_acc": mt.accuracy(p_forget, y[forget]),
-        "retain_acc": mt.accuracy(p_retain, y[keep]),
-        "rel_param_error": mt.rel_param_error(res.params, ref.params, ref.original),
-        "kl_test": kl,
-        "kl_forget": mt.mean_kl(p_ref_forget, p_forget),
-        # mean cross-entropy on the forget set: a memorising model keeps it far below the reference's
-        "forget_loss": ce(p_forget), "retrain_forget_loss": ce(p_ref_forget),
-        "forget_loss_ratio": ce(p_forget) / max(ce(p_ref_forget), 1e-30),
-        "original_kl_test": ref.original_kl,
-        "kl_ratio": kl / max(ref.original_kl, 1e-30),
-        "agreement_test": mt.agreement(ref.p_test, p_test),
+    row = {"n_removed": int(np.size(forget)), "reference": ref.name,
+           "n_test": int(len(ds.y_test)), "n_test_held_out": mdl.record["n_test_held_out"]}
+    row |= compare(pb.objective, res.params, ref.params, ref.original, pb.x, pb.y, forget, ds.x_test, ds.y_test,
+                   attack=mia)
+    if mia:  # the grid's committed results name the attack's AUC so
+        row["mia_auc"], row["mia_auc_retrain"] = row.pop("auc"), row.pop("retrain_auc")
+    return row | {
         "time_s": float(res.time_s), "compile_s": float(res.compile_s), "retrain_time_s": ref.time_s,
         "time_ratio": float(res.time_s) / max(ref.time_s, 1e-12),
         "memory_bytes": int(memory_bytes), "param_bytes": mdl.record["param_bytes"],
-        "converged": bool(res.converged), "reason": res.reason,
-        "retrain_test_acc": ref.test_acc, "original_test_acc": ref.original_test_acc,
-        "info": _jsonable(dict(res.info)),
+        "converged": bool(res.converged), "reason": res.reason, "info": _jsonable(dict(res.info)),
     }
-    if mia:
-        from ..evaluation.privacy import default_mia
-
-        att = default_mia(obj, {"u": res.params, "r": ref.params}, x[forget], y[forget], ds.x_test, ds.y_test)
-        row["mia_auc"], row["mia_auc_retrain"] = att["u"]["auc"], att["r"]["auc"]
-    return row
 
 
 def _phi_path(out: Path, cell: dict) -> Path:
@@ -549,10 +522,11 @@ class _Cells:
             pb = self.mdl.trained.problem
             self.log(f"grid: {cell['model']} {cell['ratio']}: removing {np.size(forget)} of {pb.x.shape[0]}; "
                      "retraining (reference) ...")
-            ref = _Reference(self.mdl, "retrain", M.run_method("retrain", pb, forget), pb.params)
+            truth = R.ground_truth_method()
+            ref = _Reference(truth, R.run_method(truth, pb, forget), pb.params)
             self.refs = {cell["ratio"]: ref}  # the cells of one ratio are consecutive
             if self.cfg.reference_rows:
-                row = dict(cell, method="retrain", n_train=self.mdl.trained.dataset.n_train)
+                row = dict(cell, method=truth, n_train=self.mdl.trained.dataset.n_train)
                 self.emit(row | _evaluate(self.mdl, ref.out, ref, forget, 0, self.cfg.mia))
         return self.refs[cell["ratio"]]
 
@@ -564,27 +538,24 @@ class _Cells:
         draw_seed = cell["seed"] if self.cfg.forget_seed is None else self.cfg.forget_seed
         requests = _requests(kind, value, times, ds.n_train, ds.y_train, draw_seed)
         forget = np.sort(np.concatenate(requests))
-        why = M.applicable(name, pb)
+        why = R.applicable(name, pb)
         if why:
             return row | {"n_removed": int(forget.size), "converged": False, "reason": f"not applicable: {why}"}
         try:
             res = (self._sequential(name, options, requests) if kind == "seq"
-                   else M.run_method(name, pb, forget, **options))
+                   else R.run_method(name, pb, forget, **options))
         except Exception as e:  # reported in the row; the other cells go on
             self.log(f"grid: {cell['model']} {cell['ratio']} {cell['method']} FAILED: {type(e).__name__}: {e}")
             return row | {"n_removed": int(forget.size), "converged": False, "reason": f"error: {type(e).__name__}: {e}"}
-        own = _own_reference(self.mdl, name, options, res, forget) if kind != "seq" else None
+        own = _own_reference(name, options, res, pb, forget) if kind != "seq" else None
         ref = own or self.reference(cell, forget)
         if res.info.get("solver") == "trajectory":
             memory = self.mdl.trajectory_memory
         else:
-            memory = res.info.get("cache_bytes", self.mdl.memory if name.startswith("mini") else 0)
+            memory = res.info.get("cache_bytes", self.mdl.memory if res.info.get("solver") == "fixed-point" else 0)
         row |= _evaluate(self.mdl, res, ref, forget, memory, self.cfg.mia)
         if self.cfg.forget_score:
             _save_phi(Path(self.cfg.out), cell, self.mdl, res.params, ref.params, forget)
-        if own is not None:
-            row["info"]["own_retrain_test_acc"] = own.test_acc
-            row["info"]["own_original_test_acc"] = own.original_test_acc
         return row
 
     def _sequential(self, name: str, options: dict, requests: list[np.ndarray]) -> M.MethodOutput:
@@ -595,7 +566,7 @@ class _Cells:
         total, compile_s, ok, reason = 0.0, 0.0, True, "converged"
         for chunk in requests:
             local = np.searchsorted(alive, chunk).astype(np.int32)
-            res = M.run_method(name, cur, local, **options)
+            res = R.run_method(name, cur, local, **options)
             total, compile_s = total + res.time_s, compile_s + res.compile_s
             if not res.converged:
                 ok, reason = False, res.reason
@@ -832,7 +803,7 @@ def _grid_reports(cfg: GridConfig, out: Path, rows: list[dict], command: str) ->
         of = {rt: [r for r in rows if (r["data"], r["model"], str(r["ratio"])) == (data, model, rt)] for rt in ratios}
         # the retrain line: rows measured against the shared retrain only (DeltaGrad's rows carry its
         # own SGD retrain's figures; rows written before the reference was recorded are left out)
-        shared = {rt: [r for r in of[rt] if r.get("reference") == "retrain"] for rt in ratios}
+        shared = {rt: [r for r in of[rt] if r.get("reference") == R.ground_truth_method()] for rt in ratios}
         reference_line = {"test_acc": ("retrain_test_acc", "{:.4f}"), "mia_auc": ("mia_auc_retrain", "{:.3f}")}
         for metric, title, fmtx in shown:
             lines += [f"**{title}**", "", "| method | " + " | ".join(ratios) + " |", "|---|" + "---:|" * len(ratios)]
@@ -892,7 +863,7 @@ def _grid_plots(rows, summ, out: Path) -> None:
                               and r.get(key) is not None})
                 if pts:
                     xs, ys = zip(*pts, strict=True)
-                    ax.plot(xs, ys, "k--", label="retrain")
+                    ax.plot(xs, ys, "k--", label=R.ground_truth_method())
             ax.set_xscale("log")
             if logy:
                 ax.set_yscale("log")
@@ -938,7 +909,8 @@ FIDELITY_COLUMNS = ["model", "method", "options", "ratio_pct", "seed", "n_train"
                     "original_kl_test", "kl_ratio", "agreement", "time_s", "compile_s", "retrain_time_s",
                     "time_ratio", "memory_bytes", "param_bytes", "converged", "reason", "retrain_test_acc",
                     "original_test_acc", "forget_loss", "retrain_forget_loss", "forget_loss_ratio", "n_test",
-                    "n_test_held_out"]
+                    "n_test_held_out", "retrain_retain_acc", "retrain_forget_acc", "original_retain_acc",
+                    "original_forget_acc", "param_error"]
 
 
 def _fidelity_row(row: dict) -> dict:
@@ -966,8 +938,8 @@ def _base(label: str) -> str:
 
 def _method_rank(label: str) -> tuple:
     """References first, then registration order (variants such as ``deltagrad:lr=0.1`` after their base)."""
-    names = list(M.METHODS)
-    order = [n for n in names if M.get_method(n).reference] + [n for n in names if not M.get_method(n).reference]
+    names = list(R.METHODS)
+    order = [n for n in names if R.get_method(n).ground_truth] + [n for n in names if not R.get_method(n).ground_truth]
     base = _base(label)
     return (order.index(base) if base in order else len(order), label)
 
@@ -1035,13 +1007,13 @@ def _check_targets(rows: list, targets: dict) -> list[str]:
     out = []
     for ratio in targets.get("ratios", []):
         pct = ratio_pct(ratio)
-        r = cell.get((targets.get("method", "mini"), pct))
+        r = cell.get((targets["method"], pct))
         if r is None or "kl_ratio" not in r:
             continue
         checks = [f"{label} {r[k]:.3g} {'≤' if r[k] <= bound else '>'} {bound}" for k, bound, label in bounds]
         ok = all(r[k] <= bound for k, bound, _ in bounds) and r["converged"]
         for d in rows:
-            if _base(d["method"]) != "deltagrad" or float(d["ratio_pct"]) != pct:
+            if _base(d["method"]) not in targets.get("beat", ()) or float(d["ratio_pct"]) != pct:
                 continue
             better = r["kl_test"] < d["kl_test"]
             ok = ok and better
@@ -1057,7 +1029,7 @@ def _sort_fidelity(rows: list) -> list:
 
 
 def _fidelity_table(cfg: GridConfig, path: Path, rows: list, runs: list, models: dict) -> None:
-    tg = cfg.targets
+    tg, truth = cfg.targets, R.ground_truth_method()
     lines = [f"# {cfg.title or 'Unlearning methods against retraining'}", ""] + ([cfg.intro, ""] if cfg.intro else [])
     by_model: dict = {}
     for r in rows:
@@ -1106,21 +1078,21 @@ def _fidelity_table(cfg: GridConfig, path: Path, rows: list, runs: list, models:
                 f"{_fmt(r['agreement'], 'acc')} | {_fmt(r['time_s'], 'time')} | {_fmt(r['compile_s'], 'time')} | "
                 f"{_fmt(r['time_ratio'], 'sci')} | {_fmt(r['memory_bytes'], 'bytes')} | {conv} |")
         lines.append("")
-        for label in _method_labels([r for r in ok_rows if _base(r["method"]) == "deltagrad"]):
-            dg = [r for r in ok_rows if r["method"] == label]
-            dcfg = dg[0]["info"].get("config", {})
-            lines += [f"`{label}` rows follow DeltaGrad's own protocol: it replays its own (S)GD trajectory "
-                      f"({json.dumps(dcfg)}), so its reference is `deltagrad_retrain` (that recipe on the remaining "
-                      "data), its original model is `info['own_original']` (that recipe on all data), and its "
-                      "time ratio is replay time / that retrain's time. Its own original/retrained test accuracy: "
+        for label in _method_labels([r for r in ok_rows if r.get("reference") not in (None, r["method"], truth)]):
+            own = [r for r in ok_rows if r["method"] == label]
+            lines += [f"`{label}` trains its own original model ({json.dumps(own[0]['info'].get('config', {}))}), so its "
+                      f"reference is `{own[0]['reference']}` (its own recipe on the remaining data), its original "
+                      "model is that recipe on all data, and its time ratio is against that reference's time. Its "
+                      "own original/retrained test accuracy: "
                       + ", ".join(f"{_pct(r['ratio_pct'])}: {r['original_test_acc']:.4f}/{r['retrain_test_acc']:.4f}"
-                                  for r in dg) + ".", ""]
+                                  for r in own) + ".", ""]
         checked = _check_targets(ok_rows, tg)
         if checked:
             bounds = ", ".join(f"{label} ≤ {tg[k]}" for k, label in (("kl_ratio", "kl ratio"), ("rel_param_error", "rel err"),
                                                                      ("time_ratio", "time ratio")) if k in tg)
-            lines += [f"**Targets for `{tg.get('method', 'mini')}` at {'/'.join(_target_text(tg.get('ratios', [])))}%** "
-                      f"({bounds}, kl_test below DeltaGrad's):", ""] + checked + [""]
+            beat = "".join(f", kl_test below {b}'s" for b in tg.get("beat", ()))
+            lines += [f"**Targets for `{tg['method']}` at {'/'.join(_target_text(tg.get('ratios', [])))}%** "
+                      f"({bounds}{beat}):", ""] + checked + [""]
         bad = [r for r in mrows if not r.get("converged", True)]
         if bad:
             lines += ["**Not converged / failed:** " + "; ".join(
@@ -1159,13 +1131,8 @@ def _fidelity_plot(cfg: GridConfig, path: Path, rows: list) -> None:
     models = list(dict.fromkeys((r["model"], r["n_train"]) for r in rows))
     if not models:
         return
-    markers = {"mini": "o", "mini-lite": "v", "mini-plus": "^", "newton": "s", "finetune": "D",
-               "neggrad": "X", "deltagrad": "P"}
-    extra = iter(["*", "h", "p", "<", ">", "d", "8", "H"] * 4)
     labels = _method_labels(rows)
-    for label in labels:
-        if label not in markers:
-            markers[label] = next(extra, "o")
+    markers = dict(zip(labels, itertools.cycle(["o", "v", "^", "s", "D", "X", "P", "*", "h", "p", "<", ">", "d"])))
     ratios = sorted({float(r["ratio_pct"]) for r in rows})
     cmap = plt.get_cmap("viridis")
     color = {x: cmap(i / max(1, len(ratios) - 1)) for i, x in enumerate(ratios)}
@@ -1197,7 +1164,7 @@ def _fidelity_plot(cfg: GridConfig, path: Path, rows: list) -> None:
                        label="not converged")]
     fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
     fig.suptitle("Fidelity vs cost (DeltaGrad against its own (S)GD retrain)"
-                 + ("; red dotted: mini targets" if cfg.targets else ""))
+                 + (f"; red dotted: {cfg.targets['method']} targets" if cfg.targets else ""))
     fig.tight_layout(rect=(0, 0, 0.88, 0.95))
     tmp = path.with_name(path.stem + ".partial.png")
     fig.savefig(tmp, dpi=130)

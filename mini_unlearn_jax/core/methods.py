@@ -1,14 +1,10 @@
-"""Every unlearning method behind one interface: ``run_method(name, problem, forget, **options)``,
-and the registry that lists them.
+"""The built-in unlearning methods for convex models, retraining, DeltaGrad and trajectory
+unlearning, registered in the method registry (`core/registry.py`); the neural-network
+baselines are in `core/baselines.py`. Also the refresh that readies a problem for the next
+deletion request (`after_removal`).
 
-A method is one :func:`register_method` call; the CLI's ``--method`` help and check, the grid
-harness and the experiments read the registry, so a registered method is usable everywhere at
-once. Built in: ``mini`` (the default Mini-Unlearning configuration), ``mini-lite`` (no pass over
-the remaining data), ``mini-plus`` (more refinement), ``retrain`` (ground truth), ``newton``
-(Newton-CG with exact Hessian-vector products), ``finetune``, ``neggrad`` and ``deltagrad``.
-
-Each returns a :class:`MethodOutput` whose ``time_s`` excludes compilation (reported apart in
-``compile_s``): jitted methods are compiled ahead of time (:mod:`.aot`), then the compiled
+Every method returns a `MethodOutput` whose `time_s` excludes compilation (reported apart in
+`compile_s`): jitted methods are compiled ahead of time (`core/aot.py`), then the compiled
 program is timed.
 """
 
@@ -16,15 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 import time
-from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.flatten_util import ravel_pytree
 
 from . import deltagrad as dg
@@ -34,6 +27,7 @@ from . import trajectory as tj
 from .aot import aot, finite, timed
 from .models import Objective
 from .problem import MethodOutput, Problem, keep_mask
+from .registry import needs_all, needs_params0, register_method
 from .snapshots import log_schedule, snapshot_buffer, trajectory_buffer
 from .training import TrainConfig, Trainer
 
@@ -46,129 +40,12 @@ MINI_VARIANTS = {
 }
 
 
-# -- the registry ---------------------------------------------------------------------------
-
-
-class Method(NamedTuple):
-    """One registered method.
-
-    Attributes:
-      name: what ``run_method`` and ``--method`` take.
-      run: ``run(problem, forget, **options) -> MethodOutput``; ``forget`` arrives validated
-        (unique in-range integer indices).
-      summary: one line for the CLI's help.
-      needs: ``needs(problem) -> str | None``: why the method does not apply to ``problem``
-        (None: it applies). ``run_method`` refuses with that reason instead of failing inside.
-      reference: the method is ground truth (``retrain``), which the harness compares against.
-    """
-
-    name: str
-    run: Callable[..., MethodOutput]
-    summary: str
-    needs: Callable[[Problem], str | None] | None = None
-    reference: bool = False
-
-
-_REGISTRY: dict[str, Method] = {}
-_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
-
-
-def register_method(name: str, run: Callable[..., MethodOutput] | None = None, *, summary: str,
-                    needs: Callable[[Problem], str | None] | None = None, reference: bool = False,
-                    replace: bool = False):
-    """Register ``run`` as method ``name`` (usable as a decorator when ``run`` is omitted).
-
-    ``run(problem, forget, **options)`` returns a :class:`MethodOutput`. Registering a taken name
-    raises unless ``replace=True``. Returns ``run``.
-    """
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(f"method name {name!r}: use lower-case letters, digits, '-' and '_', starting with a letter")
-    if not summary or not isinstance(summary, str):
-        raise ValueError(f"method {name!r}: give a one-line summary (it is the CLI's help for the method)")
-
-    def add(fn):
-        if not callable(fn):
-            raise TypeError(f"method {name!r}: run must be callable as run(problem, forget, **options)")
-        if name in _REGISTRY and not replace:
-            raise ValueError(f"method {name!r} is already registered; pass replace=True to replace it")
-        _REGISTRY[name] = Method(name, fn, summary, needs, reference)
-        return fn
-
-    return add if run is None else add(run)
-
-
-def unregister_method(name: str) -> None:
-    """Remove a registered method (for plugins and tests)."""
-    get_method(name)
-    del _REGISTRY[name]
-
-
-def get_method(name: str) -> Method:
-    """The registered :class:`Method` called ``name``; ValueError naming the choices otherwise."""
-    try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown method {name!r}: choose one of {', '.join(_REGISTRY)}") from None
-
-
-def applicable(name: str, problem: Problem) -> str | None:
-    """Why method ``name`` does not apply to ``problem``, or None when it does."""
-    m = get_method(name)
-    return m.needs(problem) if m.needs is not None else None
-
-
-class _Names(Sequence):
-    """The registered method names, in registration order (a live view of the registry)."""
-
-    def __getitem__(self, i):
-        return tuple(_REGISTRY)[i]
-
-    def __len__(self):
-        return len(_REGISTRY)
-
-    def __contains__(self, name):
-        return name in _REGISTRY
-
-    def __repr__(self):
-        return repr(tuple(_REGISTRY))
-
-
-METHODS: Sequence[str] = _Names()
-
-
-def describe() -> str:
-    """``name: summary`` of every registered method, one per line (the CLI's help)."""
-    return "\n".join(f"{m.name}: {m.summary}" for m in _REGISTRY.values())
-
-
-def run_method(name: str, problem: Problem, forget, **options) -> MethodOutput:
-    """Run method ``name`` on ``problem`` removing training indices ``forget``."""
-    method = get_method(name)
-    why = method.needs(problem) if method.needs is not None else None
-    if why:
-        raise ValueError(f"method {name!r} does not apply to this problem: {why}")
-    forget = ul.validate_indices(forget, int(problem.x.shape[0]))
-    return method.run(problem, forget, **options)
-
-
 def _needs_recipe(what: str):
     def needs(problem: Problem) -> str | None:
         if problem.recipe is None:
             return (f"it {what}, so it needs Problem.train_config to be a TrainConfig; this problem's "
-                    f"recipe is a function (use retrain, mini, newton or neggrad, or give a TrainConfig)")
+                    f"recipe is a function (give a TrainConfig)")
         return None
-    return needs
-
-
-def _needs_params0(problem: Problem) -> str | None:
-    if problem.params0 is None:
-        return "it trains from the initial parameters, and Problem.params0 is None (save_run(params0=...) keeps them)"
-    return None
-
-
-def _needs_all(*checks):
-    def needs(problem: Problem) -> str | None:
-        return next((why for why in (c(problem) for c in checks) if why), None)
     return needs
 
 
@@ -252,11 +129,6 @@ def run_retrain(problem: Problem, forget, verbose: bool = False) -> MethodOutput
 # -- Newton-CG ------------------------------------------------------------------------------
 
 
-def _remaining_objective(problem: Problem, keep):
-    obj = problem.objective
-    return lambda p: obj.data_loss(p, problem.x, problem.y, keep) + obj.penalty(p)
-
-
 @functools.partial(jax.jit, static_argnames=("objective", "iters"))
 def _newton(objective: Objective, iters: int, params, x, y, keep):
     fn = lambda p: objective.data_loss(p, x, y, keep) + objective.penalty(p)
@@ -288,52 +160,6 @@ def run_newton(problem: Problem, forget, iters: int = 100) -> MethodOutput:
             ok, reason = False, (f"the Newton step raised the remaining-data objective from {before:.4g} to "
                                  f"{after:.4g}; the original parameters are returned")
     return MethodOutput(out if ok else problem.params, ok, reason, t, c, {"cg_iters": iters})
-
-
-# -- fine-tune and NegGrad ------------------------------------------------------------------
-
-
-@functools.partial(jax.jit, static_argnames=("objective", "cfg", "steps"))
-def _finetune(objective: Objective, cfg: TrainConfig, steps: int, params, x, y, keep):
-    trainer = Trainer(objective, dataclasses.replace(cfg, steps=steps, snapshots=1))
-    state = trainer.init(params)
-    return trainer._chunk(state, x, y, keep, length=steps).params
-
-
-def run_finetune(problem: Problem, forget, steps: int | None = None) -> MethodOutput:
-    cfg = problem.train_config
-    if steps is None:
-        steps = 10 if cfg.batch_size is None else max(1, int(problem.x.shape[0]) // cfg.batch_size)
-    keep = jnp.asarray(keep_mask(int(problem.x.shape[0]), forget))
-    dyn = (problem.params, problem.x, problem.y, keep)
-    compiled, c = aot(_finetune, (problem.objective, cfg, steps), dyn)
-    out, t = timed(compiled, *dyn)
-    ok = finite(out)
-    return MethodOutput(out if ok else problem.params, ok, "converged" if ok else "fine-tuning diverged", t, c, {"steps": steps})
-
-
-@functools.partial(jax.jit, static_argnames=("objective", "steps", "lr"))
-def _neggrad(objective: Objective, steps: int, lr: float, params, xr, yr):
-    opt = optax.sgd(lr)
-    fn = lambda p: -objective.data_loss(p, xr, yr) + objective.penalty(p)
-
-    def body(c, _):
-        p, s = c
-        u, s = opt.update(jax.grad(fn)(p), s, p)
-        return (optax.apply_updates(p, u), s), None
-
-    (p, _), _ = jax.lax.scan(body, (params, opt.init(params)), None, length=steps)
-    return p
-
-
-def run_neggrad(problem: Problem, forget, steps: int = 5, lr: float = 0.05) -> MethodOutput:
-    forget = np.asarray(forget)
-    dyn = (problem.params, problem.x[forget], problem.y[forget])
-    compiled, c = aot(_neggrad, (problem.objective, steps, lr), dyn)
-    out, t = timed(compiled, *dyn)
-    ok = finite(out)
-    return MethodOutput(out if ok else problem.params, ok, "converged" if ok else "gradient ascent diverged",
-                        t, c, {"steps": steps, "lr": lr})
 
 
 # -- DeltaGrad -----------------------------------------------------------------------------
@@ -402,13 +228,16 @@ def run_deltagrad(problem: Problem, forget, **options) -> MethodOutput:
 
 
 def deltagrad_retrain(problem: Problem, forget, **options) -> MethodOutput:
-    """Ground truth for DeltaGrad: its (S)GD recipe on the remaining data (compile timed apart)."""
+    """Ground truth for DeltaGrad: its (S)GD recipe on the remaining data (compile timed apart);
+    with nothing removed, DeltaGrad's own original model. ``info['train_config']`` is that recipe
+    as a :class:`TrainConfig` (what a membership attack's shadow models imitate)."""
     cfg = deltagrad_config(problem, **options)
     keep = jnp.asarray(keep_mask(int(problem.x.shape[0]), forget))
     dyn = (problem.params0, problem.x, problem.y, keep)
     compiled, c = aot(dg.train_program, (problem.objective, cfg), dyn, {"record": False})
     (out, _), t = timed(compiled, *dyn)
-    return MethodOutput(out, finite(out), "converged", t, c, {})
+    recipe = TrainConfig(optimizer="sgd", learning_rate=cfg.lr, steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed)
+    return MethodOutput(out, finite(out), "converged", t, c, {"train_config": recipe})
 
 
 # -- sequential requests --------------------------------------------------------------------
@@ -518,25 +347,34 @@ def _needs_mini(problem: Problem) -> str | None:
     return _needs_fixed_point(problem)
 
 
-_needs_fixed_point = _needs_all(needs_convex, _needs_snapshots)
+_needs_fixed_point = needs_all(needs_convex, _needs_snapshots)
 
 
-register_method("mini", _run_default_mini, needs=_needs_mini,
+_FIXED_POINT_COST = "the removed examples, the snapshot buffer and the curvature statistics"
+register_method("mini", _run_default_mini, needs=_needs_mini, family="any", paper="Huang et al. 2024",
+                cost=f"convex: {_FIXED_POINT_COST}, and a few passes of refinement over the remaining data; "
+                     "network: the trajectory method's cost",
                 summary="Mini-Unlearning, the default: the fixed point with refinement (convex models), or "
-                        "trajectory unlearning where the run kept a trajectory buffer (the CLI's MLPs)")
-register_method("mini-lite", _mini_variant("mini-lite"), needs=_needs_fixed_point,
+                        "trajectory unlearning where the run kept a trajectory buffer (networks)")
+register_method("mini-lite", _mini_variant("mini-lite"), needs=_needs_fixed_point, family="convex",
+                paper="Huang et al. 2024", cost=f"{_FIXED_POINT_COST}; no pass over the remaining data",
                 summary="Mini-Unlearning without any pass over the remaining data")
-register_method("mini-plus", _mini_variant("mini-plus"), needs=_needs_fixed_point,
+register_method("mini-plus", _mini_variant("mini-plus"), needs=_needs_fixed_point, family="convex",
+                paper="Huang et al. 2024", cost=f"{_FIXED_POINT_COST}, and 25 passes of refinement",
                 summary="Mini-Unlearning with more refinement (24 CG steps)")
-register_method("retrain", run_retrain, reference=True, needs=_needs_params0,
+register_method("retrain", run_retrain, ground_truth=True, needs=needs_params0, family="any",
+                cost="the whole training recipe on the remaining data",
                 summary="ground truth: the training recipe rerun on the remaining data")
-register_method("newton", run_newton, needs=needs_convex, summary="Newton-CG on the remaining data with exact Hessian-vector products")
-register_method("finetune", run_finetune, needs=_needs_recipe("continues training with the recipe's optimizer"),
-                summary="one epoch (or 10 full-batch steps) of the recipe on the remaining data, from w*")
-register_method("neggrad", run_neggrad, summary="gradient ascent on the removed examples' loss")
-register_method("deltagrad", run_deltagrad,
-                needs=_needs_all(_needs_recipe("replays the recipe's mini-batch schedule"), _needs_params0),
-                summary="DeltaGrad (Wu et al. 2020) on its own (S)GD trajectory; sound only for small removals")
-register_method("trajectory", tj.run_from_problem, needs=tj.needs_trajectory,
+register_method("newton", run_newton, needs=needs_convex, family="convex",
+                cost="a gradient and 100 Hessian-vector products over the remaining data",
+                summary="Newton-CG on the remaining data with exact Hessian-vector products")
+register_method("deltagrad", run_deltagrad, own_reference=deltagrad_retrain, family="convex",
+                needs=needs_all(_needs_recipe("replays the recipe's mini-batch schedule"), needs_params0),
+                paper="Wu et al. 2020", cost="its own (S)GD run replayed, exact gradients every few steps",
+                summary="DeltaGrad on its own (S)GD trajectory; sound only for small removals")
+register_method("trajectory", tj.run_from_problem, needs=tj.needs_trajectory, family="network",
+                cost="forward passes over the trajectory buffer and a short retraining phase (0.15 of the recipe)",
                 summary="trajectory unlearning: rewind along the trajectory buffer, short one-cycle retrain, "
-                        "temperature calibration (what mini runs on the CLI's MLPs)")
+                        "temperature calibration (what mini runs on networks)")
+
+from . import baselines as _baselines  # noqa: E402,F401  (registers the neural-network baselines after these)

@@ -44,10 +44,8 @@ that trajectory in a compact buffer and unlearns by going back along it:
    trajectory after the rewind point survives, so the next request rewinds along a trajectory
    that never saw the removed examples after it. A method that rebuilds no trajectory leaves
    only the initialisation (:func:`initial_only`).
-3. **Baselines** in the same form (for experiments/trajectory.py): the compute-matched
-   :func:`run_from_init` (the recipe from the initialisation on the remaining data for a given
-   number of steps), :func:`run_finetune` (the recipe from ``w*``), :func:`run_scrub` (Kurmanji et
-   al. 2023) and :func:`run_salun` (Fan et al. 2024), compact re-implementations.
+3. **Baselines** (``core/baselines.py``) run on the same footing: the recipe's mini-batch size,
+   :func:`keep_batches` over the kept rows, :func:`phase_optimizer`, a matched step budget.
 
 Every ``run_*`` function returns :class:`~mini_unlearn_jax.core.methods.MethodOutput` with the run
 time of an ahead-of-time compiled program and the compile time apart.
@@ -65,7 +63,7 @@ import numpy as np
 import optax
 
 from .adapters import find_head, scale_group
-from .aot import aot, finite, timed
+from .aot import aot, timed
 from .models import Objective
 from .problem import MethodOutput, keep_mask
 from .snapshots import TrajectoryBuffer, TrajectoryState, log_schedule, trajectory_buffer  # noqa: F401  (re-exported)
@@ -497,141 +495,6 @@ def run_trajectory(problem, forget, *, trajectory: TrajectoryState, x_val, y_val
               if ok else "the retraining phase produced NaN/inf; the original parameters are returned")
     return MethodOutput(res.params if ok else problem.params, ok, reason, t, c, info,
                         {"trajectory": res.trajectory} if ok else None)
-
-
-@functools.partial(jax.jit, static_argnames=("objective", "steps", "batch_size", "lr"))
-def _plain(objective: Objective, steps: int, batch_size: int, lr: float, params, x, y, keep, key):
-    return retrain_phase(objective, params, x, y, keep, key, steps=steps, batch_size=batch_size,
-                         optimizer=optax.adam(lr))
-
-
-def _run_plain(problem, forget, start, steps: int, label: str, seed: int = 0):
-    cfg = problem.train_config
-    n = int(problem.x.shape[0])
-    dyn = (start, problem.x, problem.y, jnp.asarray(keep_mask(n, forget)), jax.random.key(seed + 1))
-    static = (problem.objective, int(steps), cfg.batch_size, float(cfg.learning_rate))
-    compiled, c = aot(_plain, static, dyn)
-    out, t = timed(compiled, *dyn)
-    ok = finite(out)
-    return MethodOutput(out if ok else problem.params, ok, f"{label}: {steps} steps" if ok else f"{label} diverged",
-                        t, c, {"steps": int(steps)})
-
-
-def run_from_init(problem, forget, *, steps: int, seed: int = 0):
-    """The compute-matched baseline: the recipe (Adam at its learning rate, its batch size) from the
-    initialisation ``params0`` on the remaining data for ``steps`` steps."""
-    return _run_plain(problem, forget, problem.params0, steps, "from init", seed)
-
-
-def run_finetune(problem, forget, *, steps: int, seed: int = 0):
-    """The recipe from ``w*`` on the remaining data for ``steps`` steps."""
-    return _run_plain(problem, forget, problem.params, steps, "finetune", seed)
-
-
-# -- SCRUB (Kurmanji et al., NeurIPS 2023) ---------------------------------------------------
-
-
-def _kl_teacher_student(zt, zs):
-    pt = jax.nn.softmax(zt)
-    return jnp.mean(jnp.sum(pt * (jax.nn.log_softmax(zt) - jax.nn.log_softmax(zs)), -1))
-
-
-@functools.partial(jax.jit, static_argnames=("objective", "steps", "max_steps", "batch_size", "lr", "gamma"))
-def _scrub(objective: Objective, steps: int, max_steps: int, batch_size: int, lr: float, gamma: float,
-           params, x, y, keep, key):
-    """Student = teacher = ``w*``. Each iteration: (during the first ``max_steps``) one step that
-    maximises KL(teacher || student) on a forget batch, then one step that minimises
-    ``KL + gamma * CE`` on a remaining batch (the paper's alternating max / min steps)."""
-    opt = optax.adam(lr)
-    kr, kf = jax.random.split(key)
-    idx_r = keep_batches(kr, keep, steps, batch_size)
-    idx_f = keep_batches(kf, 1.0 - keep, steps, batch_size)
-    teacher = params
-
-    def body(c, ti):
-        p, s = c
-        t, br, bf = ti
-        zt_f = objective.logits(teacher, x[bf])
-        gmax = jax.grad(lambda q: -_kl_teacher_student(zt_f, objective.logits(q, x[bf])))(p)
-        u, s2 = opt.update(gmax, s, p)
-        p, s = jax.tree.map(lambda a, b: jnp.where(t < max_steps, a, b), (optax.apply_updates(p, u), s2), (p, s))
-        zt_r = objective.logits(teacher, x[br])
-
-        def lmin(q):
-            zs = objective.logits(q, x[br])
-            ce = jnp.mean(jax.vmap(objective.example_loss)(zs, y[br]))
-            return _kl_teacher_student(zt_r, zs) + gamma * ce + objective.penalty(q)
-
-        u, s = opt.update(jax.grad(lmin)(p), s, p)
-        return (optax.apply_updates(p, u), s), None
-
-    (p, _), _ = jax.lax.scan(body, (params, opt.init(params)), (jnp.arange(steps), idx_r, idx_f))
-    return p
-
-
-def run_scrub(problem, forget, *, steps: int, max_steps: int, lr: float, gamma: float = 1.0, seed: int = 0):
-    """SCRUB, compact: ``steps`` min-steps (each ~1 recipe step) of which the first ``max_steps``
-    are preceded by a max-step on a forget batch."""
-    cfg = problem.train_config
-    n = int(problem.x.shape[0])
-    dyn = (problem.params, problem.x, problem.y, jnp.asarray(keep_mask(n, forget)), jax.random.key(seed + 2))
-    static = (problem.objective, int(steps), int(max_steps), cfg.batch_size, float(lr), float(gamma))
-    compiled, c = aot(_scrub, static, dyn)
-    out, t = timed(compiled, *dyn)
-    ok = finite(out)
-    return MethodOutput(out if ok else problem.params, ok, "scrub" if ok else "SCRUB diverged", t, c,
-                        {"steps": steps, "max_steps": max_steps, "lr": lr, "gamma": gamma})
-
-
-# -- SalUn (Fan et al., ICLR 2024) ----------------------------------------------------------
-
-
-@functools.partial(jax.jit, static_argnames=("objective", "steps", "batch_size", "lr", "sparsity", "num_classes"))
-def _salun(objective: Objective, steps: int, batch_size: int, lr: float, sparsity: float, num_classes: int,
-           params, x, y, keep, key):
-    """Saliency mask: the entries of ``|grad of the forget loss at w*|`` above its ``sparsity``
-    quantile (over all weights). Then Adam on ``CE(forget batch, random labels) + CE(remaining
-    batch, labels)``, updating only the salient entries."""
-    forget_w = 1.0 - keep
-    g = jax.grad(lambda p: objective.data_loss(p, x, y, forget_w))(params)
-    flat = jnp.concatenate([jnp.abs(a).ravel() for a in jax.tree.leaves(g)])
-    thr = jnp.quantile(flat, sparsity)
-    mask = jax.tree.map(lambda a: (jnp.abs(a) >= thr).astype(a.dtype), g)
-    opt = optax.adam(lr)
-    kr, kf, kl = jax.random.split(key, 3)
-    idx_r = keep_batches(kr, keep, steps, batch_size)
-    idx_f = keep_batches(kf, forget_w, steps, batch_size)
-
-    def body(c, ti):
-        p, s = c
-        t, br, bf = ti
-        yr_rand = (y[bf] + jax.random.randint(jax.random.fold_in(kl, t), bf.shape, 1, num_classes)) % num_classes
-
-        def loss(q):
-            lf = objective.data_loss(q, x[bf], yr_rand)
-            lr_ = objective.data_loss(q, x[br], y[br])
-            return lf + lr_ + objective.penalty(q)
-
-        gr = jax.tree.map(jnp.multiply, jax.grad(loss)(p), mask)
-        u, s = opt.update(gr, s, p)
-        return (optax.apply_updates(p, u), s), None
-
-    (p, _), _ = jax.lax.scan(body, (params, opt.init(params)), (jnp.arange(steps), idx_r, idx_f))
-    return p
-
-
-def run_salun(problem, forget, *, steps: int, lr: float, sparsity: float = 0.5, seed: int = 0):
-    """SalUn, compact: random-label fine-tuning restricted to the salient half of the weights."""
-    cfg = problem.train_config
-    n = int(problem.x.shape[0])
-    num_classes = int(problem.objective.logits(problem.params, problem.x[:1]).shape[-1])
-    dyn = (problem.params, problem.x, problem.y, jnp.asarray(keep_mask(n, forget)), jax.random.key(seed + 3))
-    static = (problem.objective, int(steps), cfg.batch_size, float(lr), float(sparsity), num_classes)
-    compiled, c = aot(_salun, static, dyn)
-    out, t = timed(compiled, *dyn)
-    ok = finite(out)
-    return MethodOutput(out if ok else problem.params, ok, "salun" if ok else "SalUn diverged", t, c,
-                        {"steps": steps, "lr": lr, "sparsity": sparsity})
 
 
 # =============================================================================

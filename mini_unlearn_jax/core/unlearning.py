@@ -30,8 +30,9 @@ import numpy as np
 
 from . import linalg as cv
 from . import methods as M
+from . import registry as R
 from . import trajectory as tj
-from .mini import UnlearnError
+from .mini_result import UnlearnError
 from .models import Objective, check_param_dtypes
 from .problem import Problem, Recipe
 from .snapshots import SnapshotState, TrajectoryState
@@ -140,10 +141,10 @@ class UnlearnedBatch(NamedTuple):
 def choose_method(problem: Problem) -> str:
     """The registered method :func:`unlearn` runs on ``problem`` by default (module docstring);
     ValueError saying what to keep or choose when none fits."""
-    why_traj = M.applicable("trajectory", problem)
+    why_traj = R.applicable("trajectory", problem)
     if why_traj is None:
         return "trajectory"
-    why_fixed = M.applicable("mini", problem)
+    why_fixed = R.applicable("mini", problem)
     if why_fixed is None:
         return "mini"
     raise ValueError("no unlearning method applies to this model: trajectory unlearning does not, because "
@@ -165,7 +166,7 @@ def unlearn(problem: Problem, forget, *, method: str = "auto", throw: bool = Tru
       forget: 1-D integer indices; or a list of such arrays, several independent requests on the
         same model (an :class:`UnlearnedBatch` comes back).
       method: ``"auto"`` (:func:`choose_method`) or any registered method's name.
-      throw: raise :class:`~mini_unlearn_jax.core.mini.UnlearnError` (its ``.result`` holds the
+      throw: raise :class:`~mini_unlearn_jax.core.mini_result.UnlearnError` (its ``.result`` holds the
         result) when the method did not succeed; with ``throw=False`` the result says so.
       **options: the method's options (e.g. ``budget=0.25`` for trajectory unlearning).
 
@@ -176,7 +177,7 @@ def unlearn(problem: Problem, forget, *, method: str = "auto", throw: bool = Tru
     requests = list(forget) if _is_batch(forget) else [forget]
     results = []
     for r in requests:
-        out = M.run_method(name, problem, r, **options)
+        out = R.run_method(name, problem, r, **options)
         res = Unlearned(out.params, bool(out.converged), out.reason, name, out.time_s, out.compile_s, out.info,
                         out.buffers)
         if throw and not res.converged:
