@@ -18,16 +18,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-MAIN = ROOT / "experiments/results/main/reports.json"
-PRIVACY = ROOT / "experiments/results/privacy/results.json"
+MAIN = ROOT / "experiments/main/results/fashion_mnist-logreg/reports.json"
+PRIVACY = ROOT / "experiments/privacy/results/default/results.json"
 SEQUENTIAL = ROOT / "experiments/sequential_requests/results/results.json"
 
 
 def methods_table() -> str:
     import mini_unlearn_jax as mu
 
-    rows = ["| method | what it does |", "|---|---|"]
-    rows += [f"| `{m.name}` | {m.summary} |" for m in (mu.get_method(n) for n in mu.METHODS)]
+    models = {"convex": "convex", "network": "networks", "any": "any"}
+    rows = ["| method | models | what it does | cost | paper |", "|---|---|---|---|---|"]
+    rows += [f"| `{m.name}` | {models[m.family]} | {m.summary} | {m.cost or '—'} | {m.paper or '—'} |"
+             for m in (mu.get_method(n) for n in mu.METHODS)]
     return "\n".join(rows)
 
 
@@ -42,8 +44,8 @@ def convex_table() -> str:
     e = rep["end_to_end"]
     rows.append("")
     rows.append(f"Whole commands at {e['ratio']:.0%}: `unlearn --method {e['method']}` {e['method_wall_s']:.1f} s, "
-                f"`unlearn --method retrain` {e['retrain_wall_s']:.1f} s. From `python experiments/main.py "
-                "--update-reference` ([table](experiments/results/main/table.md)).")
+                f"`unlearn --method retrain` {e['retrain_wall_s']:.1f} s. From `python experiments/main/run.py "
+                "--update-reference` ([table](experiments/main/results/fashion_mnist-logreg/table.md)).")
     return "\n".join(rows)
 
 
@@ -66,7 +68,7 @@ def network_table() -> str:
                         f"{'—' if not tr or tr[0] is None else f'{tr[0]:.3f}'} |")
     rows.append("")
     rows.append(f"Mean over seeds {', '.join(map(str, d['seeds']))} with 95 % intervals; gaps are to the retrained model. From "
-                f"`{d['command']}` ([table](experiments/results/privacy/table.md)).")
+                f"`{d['command']}` ([table](experiments/privacy/results/default/table.md)).")
     return "\n".join(rows)
 
 

@@ -49,6 +49,7 @@ from types import SimpleNamespace
 import jax
 import numpy as np
 
+import mini_unlearn_jax as mu
 from mini_unlearn_jax.app import recipes
 from mini_unlearn_jax.app.audit import stored_param_sets
 from mini_unlearn_jax.app.harness import library_version, machine_info
@@ -144,7 +145,7 @@ def fastest(run, repeats: int):
     return min(outs, key=lambda o: o.time_s)._replace(compile_s=outs[0].compile_s)
 
 
-def other_seed_problem(tr: recipes.Trained, seed: int) -> M.Problem:
+def other_seed_problem(tr: recipes.Trained, seed: int) -> mu.Problem:
     """The original problem with the recipe's seed (initialisation and batch order) set to ``seed``:
     its ``retrain`` is an independent retrain, whose distance to the reference is the reference's
     own noise."""
@@ -205,14 +206,14 @@ def run_seed(seed: int, args, progress: Progress) -> tuple[list[dict], dict]:
     for i, chunk in enumerate(requests, start=1):
         local = np.searchsorted(alive, chunk).astype(np.int32)
         assert np.array_equal(alive[local], chunk)
-        out = fastest(lambda cur=cur, local=local: M.run_method("mini", cur, local), args.repeats)
+        out = fastest(lambda cur=cur, local=local: mu.run_method("mini", cur, local), args.repeats)
         ref = fastest(lambda cur=cur, local=local, out=out: M.refresh_for_next_request(
             cur, out.params, local, out.buffers), args.repeats)
         cur = ref.problem
         alive = np.setdiff1d(alive, chunk)
         removed = np.sort(np.concatenate([removed, chunk]))
-        ret = fastest(lambda removed=removed: M.run_method("retrain", pb, removed), min(2, args.repeats))
-        ret_other = M.run_method("retrain", other, removed)
+        ret = fastest(lambda removed=removed: mu.run_method("retrain", pb, removed), min(2, args.repeats))
+        ret_other = mu.run_method("retrain", other, removed)
         # what the run stores now: the model, the trajectory slots, the snapshot-buffer slots, params0
         run = SimpleNamespace(params=out.params, meta={}, trajectory=cur.extras["trajectory"].state,
                               snapshots=cur.snapshots, params0=cur.params0)

@@ -45,7 +45,7 @@ def validation_indices(n_test: int, seed: int, size: int = VALIDATION_SIZE) -> n
     """The held-out split of a trajectory run: a seeded sample of ``min(size, n_test // 2)`` test
     images (``size`` default 500), read by trajectory unlearning (rewind rule, calibration) and
     therefore never used as membership-inference non-members. The rewind rule's noise falls as
-    1/sqrt(size): ~0.013 at 500 once a model fits (experiments/rewind_noise.py)."""
+    1/sqrt(size): ~0.013 at 500 once a model fits (experiments/trajectory/results/rewind_noise/table.md)."""
     size = min(int(size), n_test // 2)
     return np.sort(np.random.default_rng([seed, 17]).choice(n_test, size=size, replace=False)).astype(np.int32)
 
@@ -129,12 +129,12 @@ def _adam(steps: int, seed: int, batch_size: int = 128, lr: float = 1e-3) -> Tra
 
 # name -> (data spec, model, l2, hidden, recipe(seed) or None for default_config)
 RECIPES: dict[str, tuple[str, str, float, int, Any]] = {
-    # memorises hard: 2,000 images, 102 epochs of Adam (experiments/privacy.py, mlp_limits.py, trajectory.py)
+    # memorises hard: 2,000 images, 102 epochs of Adam (experiments/privacy, mlp_limits, trajectory)
     "leaky-mlp": ("fashion_mnist:n_train=2000", "mlp", 1e-5, 256, lambda seed: _adam(1600, seed)),
     # the fidelity table's MLP: 10,000 images, the CLI's default MLP recipe (30 epochs)
     "fidelity-mlp": ("fashion_mnist:n_train=10000", "mlp", 1e-4, 256, None),
-    # experiments/grid.toml's shorter MLP (5,000 images, 600 steps; tests/test_grid.py keeps the two in step),
-    # the setting of experiments/trajectory_budget.py --setting grid-mlp
+    # experiments/grid/grid.toml's shorter MLP (5,000 images, 600 steps; tests/test_grid.py keeps the two in step),
+    # the setting of experiments/trajectory_budget/run.py --setting grid-mlp
     "grid-mlp": ("fashion_mnist:n_train=5000", "mlp", 1e-4, 128, None),
     # the main job's logistic regression on all of Fashion-MNIST
     "fashion-logreg": ("fashion_mnist", "logreg", 1e-3, 0, None),

@@ -156,7 +156,7 @@ def heldout_se(objective: Objective, traj_params: Params, x_val, y_val) -> jax.A
     """``[K]``: the standard error of the held-out mean true-class probability at every snapshot
     (sample standard deviation over the held-out set / sqrt(its size)). It is the sampling noise of
     the training-set gap the rewind rule reads: with 500 held-out images ~0.013 once a model fits,
-    as large as the rule's threshold (experiments/rewind_noise.py). An estimate, not a bound."""
+    as large as the rule's threshold (experiments/trajectory/results/rewind_noise/table.md). An estimate, not a bound."""
 
     def se(p):
         pv = jnp.exp(-objective.losses(p, x_val, y_val))
@@ -347,7 +347,7 @@ class TrajectoryConfig:
       budget: retraining steps as a fraction of the recipe's steps (0.15 of 1,600 = 240). Chosen
         on the 10,000-image MLP (recipes "fidelity-mlp"), seed 0, 10 % removal: the smallest of
         0.075 / 0.1 / 0.125 / 0.15 whose test accuracy is not below retraining's
-        (``python experiments/trajectory_budget.py``); 0.075, read on the leaky MLP, left that
+        (``python experiments/trajectory_budget/run.py``); 0.075, read on the leaky MLP, left that
         model 1.2-2.7 points below retraining.
       peak_lr_scale: one-cycle peak learning rate as a multiple of the recipe's.
       calibrate: scale the output logits to the original model's held-out loss.
