@@ -72,6 +72,7 @@ _LAZY = {
     "agreement": "evaluation.metrics", "mean_kl": "evaluation.metrics",
     "predict_probs": "evaluation.metrics", "rel_param_error": "evaluation.metrics",
     "AuditReport": "evaluation.audit", "audit_params": "evaluation.audit",
+    "evaluate": "evaluation.compare", "compare": "evaluation.compare",
     # checkpoints and data
     "Run": "app.checkpoint", "load_run": "app.checkpoint", "save_run": "app.checkpoint",
     "save_problem": "app.checkpoint",
@@ -109,6 +110,7 @@ __all__ = [
     "unlearn_core", "pad_request", "Certificate", "certify", "certify_removal",
     # evaluation
     "attacks", "lira", "privacy", "agreement", "mean_kl", "predict_probs", "rel_param_error", "AuditReport", "audit_params",
+    "evaluate", "compare",
     # checkpoints, data, deletion
     "Run", "load_run", "save_run", "save_problem", "audit_run", "retire_run", "DataError", "Dataset", "load_dataset",
 ]

@@ -1,6 +1,6 @@
 """One evaluation of an unlearned model: `evaluate` (the model alone) and `compare` (against the
-retrained model and the original). The CLI's report, the grid harness and the experiments all
-read their figures from here, so a figure means the same thing wherever it is printed.
+retrained model and the original). The CLI's report and the grid harness (so every experiment
+run through it) read their figures from here, so a figure means the same thing in both.
 
 A removal request is a set of training indices `forget` (the rows of `x` that are removed); the
 retain set is every other row. With `p_U`, `p_R`, `p_O` the class probabilities of the unlearned,

@@ -10,7 +10,7 @@ one leaks as much as one far above it.
 - `full_suite` -- every threshold attack, the learned attack, and LiRA online /
   offline with shadow models trained in one vmapped call; returns metrics and ROC curves.
 - `mia_for_report` -- the block ``mini-unlearn unlearn --mia`` adds to its report.
-The ``mini-unlearn attack`` subcommand that runs `full_suite` lives in `mini_unlearn_jax/app/cli.py`.
+The ``mini-unlearn attack`` subcommand that runs `full_suite` lives in `mini_unlearn_jax/app/cli/attack.py`.
 """
 
 from __future__ import annotations
