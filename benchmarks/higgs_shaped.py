@@ -40,6 +40,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 import mini_unlearn_jax as mu
+from mini_unlearn_jax.app.data import validate
 from mini_unlearn_jax.core import certificate as cert
 from mini_unlearn_jax.core import methods as M
 from mini_unlearn_jax.core import registry as R
@@ -91,7 +92,7 @@ def higgs_like(n: int, n_test: int, seed: int = 0) -> mu.Dataset:
     y = (rng.uniform(size=total) < 1.0 / (1.0 + np.exp(-z))).astype(np.int32)
     flip = rng.uniform(size=total) < 0.05
     y[flip] = 1 - y[flip]
-    return mu.data.validate(x[:n], y[:n], x[n:], y[n:], f"higgs_like:n={n},seed={seed}", num_classes=2)
+    return validate(x[:n], y[:n], x[n:], y[n:], f"higgs_like:n={n},seed={seed}", num_classes=2)
 
 
 def _theta(params) -> np.ndarray:

@@ -378,3 +378,4 @@ register_method("trajectory", tj.run_from_problem, needs=tj.needs_trajectory, fa
                         "temperature calibration (what mini runs on networks)")
 
 from . import baselines as _baselines  # noqa: E402,F401  (registers the neural-network baselines after these)
+from . import quadratic as _quadratic  # noqa: E402,F401  (registers mini-exact, the stored quadratic model)
