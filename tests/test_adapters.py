@@ -153,6 +153,7 @@ def _close(a, b, rtol=1e-5, atol=1e-6):
 
 
 # -- (a) forward pass, (b) objective gradients ------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_apply_matches_the_users_forward_pass(kind, data):
     x, _ = data
@@ -167,6 +168,7 @@ def test_apply_matches_the_users_forward_pass(kind, data):
         assert type(adapter.params) is dict and all(type(v) is dict for v in adapter.params.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("through_adapter", [True, False])
 def test_make_objective_gradients_match_a_hand_written_loss(kind, through_adapter, data):
@@ -379,6 +381,7 @@ def test_model_is_a_named_tuple():
     assert Model._fields == ("apply_fn", "params", "rebuild", "kind")
 
 
+@pytest.mark.slow
 def test_the_trainer_keeps_a_snapshot_buffer_for_an_equinox_model():
     """An equinox module is callable: its gradient (itself a module) must be stored, not called."""
     import mini_unlearn_jax as mu

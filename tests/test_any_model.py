@@ -60,6 +60,7 @@ def test_a_network_without_a_trajectory_is_refused_with_what_to_do():
     assert mu.unlearn(problem, FORGET, method="retrain").converged
 
 
+@pytest.mark.slow
 def test_calibration_scales_the_head_even_when_it_is_defined_first():
     ds, obj, x, y, p0, cfg, st = _train(HeadFirst())
     assert list(st.params)[-1] == "features"  # what the last-entry rule would have scaled
@@ -108,6 +109,7 @@ def _setting(kind):
     return ds, obj, x, y, p0, cfg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["network", "convex"])
 def test_a_restore_in_another_process_unlearns_bit_for_bit(kind, tmp_path):
     ds, obj, x, y, p0, cfg = _setting(kind)
@@ -139,6 +141,7 @@ def test_bfloat16_parameters_are_refused_before_any_computation():
             call()
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_trains_and_unlearns_with_float32_parameters():
     """The supported way: float32 parameters, bfloat16 matmuls inside the model; the logits are
     upcast before the loss, so training and trajectory unlearning run as usual."""

@@ -169,6 +169,7 @@ def _check_consistent(code: int, rep: dict, run_dir) -> None:
     assert rep["worst"]["auc"] == max(auc.values()) and rep["model_auc"] == auc["model"]
 
 
+@pytest.mark.slow
 def test_audit_of_the_trained_run(trained, capsys):
     root, run_dir, forget = trained
     before = sorted((p.relative_to(root), p.stat().st_mtime_ns) for p in root.rglob("*"))
@@ -194,6 +195,7 @@ def test_audit_of_the_trained_run(trained, capsys):
     assert sorted((p.relative_to(root), p.stat().st_mtime_ns) for p in root.rglob("*")) == before
 
 
+@pytest.mark.slow
 def test_audit_of_an_unlearned_run(trained, capsys):
     root, run_dir, forget = trained
     unl = root / "U"
@@ -210,6 +212,7 @@ def test_audit_of_an_unlearned_run(trained, capsys):
     assert code == 0 and json.loads(out)["verdict"] == "PASS"
 
 
+@pytest.mark.slow
 def test_bad_input_exits_1_with_a_message(trained, capsys, tmp_path):
     root, run_dir, _ = trained
     out_of_range = tmp_path / "far.txt"
@@ -228,6 +231,7 @@ def test_bad_input_exits_1_with_a_message(trained, capsys, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dup.npy", "far.txt"]  # nothing written
 
 
+@pytest.mark.slow
 def test_stored_param_sets_names_every_written_slot(trained):
     _, run_dir, _ = trained
     run = load_run(run_dir)

@@ -33,6 +33,7 @@ def _loss(pb, params, rows):
     return float(jnp.mean(pb.objective.losses(params, pb.x[rows], pb.y[rows])))
 
 
+@pytest.mark.slow
 def test_every_baseline_raises_the_removed_examples_loss(memorised):
     pb = memorised
     before_f, before_r = _loss(pb, pb.params, FORGET), _loss(pb, pb.params, KEEP)
@@ -61,6 +62,7 @@ def test_l1_sparse_lowers_the_l1_norm_against_plain_fine_tuning(memorised):
     assert float(B.l1_norm(sparse.params)) < 0.97 * float(B.l1_norm(plain.params))
 
 
+@pytest.mark.slow
 def test_salun_moves_only_the_salient_weights(memorised):
     pb = memorised
     out = B.run_salun(pb, FORGET, sparsity=0.5)

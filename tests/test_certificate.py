@@ -98,6 +98,7 @@ def _sklearn_optimum(x, y, lam):
     return coef[:, :-1].T, coef[:, -1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ratio", [0.1, 0.4])
 def test_bound_holds_for_logistic_regression_against_sklearn(logreg, ratio):
     ds, lam, problem = logreg
@@ -127,6 +128,7 @@ def test_bound_holds_for_logistic_regression_against_sklearn(logreg, ratio):
 # -- objectives that do not qualify -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_objectives_that_are_not_strongly_convex_in_every_parameter_get_no_bound(logreg):
     ds, lam, problem = logreg
     n = ds.x_train.shape[0]
@@ -152,6 +154,7 @@ def test_objectives_that_are_not_strongly_convex_in_every_parameter_get_no_bound
     assert C.certify(problem.objective, problem.params, ds.x_train, ds.y_train, keep).is_bound
 
 
+@pytest.mark.slow
 def test_penalize_bias_option_and_certificate_inputs(logreg):
     ds, lam, problem = logreg
     model = build_model("logreg", 3)

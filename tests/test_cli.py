@@ -41,6 +41,7 @@ def test_train_writes_a_loadable_run(run_dir):
     assert run.removed.size == 0 and run.stats is not None
 
 
+@pytest.mark.slow
 def test_unlearn_end_to_end_with_compare_and_export(run_dir, tmp_path, capsys):
     before = tree_digest(run_dir)
     out = tmp_path / "u"
@@ -77,6 +78,7 @@ def test_unlearn_end_to_end_with_compare_and_export(run_dir, tmp_path, capsys):
     np.testing.assert_array_equal(load_run(out2).removed, load_run(out).removed)
 
 
+@pytest.mark.slow
 def test_restore_in_a_separate_process(run_dir, tmp_path):
     forget = tmp_path / "f.npy"
     np.save(forget, np.array([3, 10, 200], np.int64))
@@ -165,6 +167,7 @@ def test_existing_outputs_are_protected(run_dir, tmp_path, capsys):
     assert rc == 1 and "never modified" in err
 
 
+@pytest.mark.slow
 def test_data_fingerprint_mismatch_is_refused(tmp_path, capsys):
     rng = np.random.default_rng(0)
     arrays = dict(x_train=rng.normal(size=(60, 3)), y_train=rng.integers(0, 2, 60),
@@ -244,6 +247,7 @@ sys.exit(main(argv))
 """
 
 
+@pytest.mark.slow
 def test_interrupted_unlearn_leaves_no_valid_result(run_dir, tmp_path):
     """Kill `unlearn` while it saves: the output path never holds a half-written directory. A new
     output does not appear; a replaced one still holds the old complete result (killed between
@@ -282,6 +286,7 @@ def test_interrupted_unlearn_leaves_no_valid_result(run_dir, tmp_path):
     assert not aside.exists() and (tmp_path / "mine.txt").read_text() == "precious"
 
 
+@pytest.mark.slow
 def test_the_report_says_whether_the_model_is_convex(run_dir, tmp_path):
     """An MLP's unlearning report says the model is not convex and names the solver that ran
     (trajectory unlearning for `mini`); a logistic-regression one says it is convex."""

@@ -11,6 +11,8 @@ import pytest
 from mini_unlearn_jax.app import cli, recipes
 from mini_unlearn_jax.app.checkpoint import load_run
 
+pytestmark = pytest.mark.slow  # end-to-end: the quick tier (-m "not slow") leaves it out
+
 SPEC = "synthetic:n=600,n_test=400,d=20,classes=3,seed=1,sep=0.5"
 
 

@@ -55,6 +55,7 @@ def test_unlearn_prints_one_summary_line_and_reports_timing_fields(run_dir, tmp_
     assert json.loads(capsys.readouterr().out)["n_removed"] == 60
 
 
+@pytest.mark.slow
 def test_second_command_hits_the_persistent_compilation_cache(run_dir, tmp_path):
     env = dict(os.environ, MINI_UNLEARN_CACHE_DIR=str(tmp_path / "cache"))
     reports = []
@@ -69,6 +70,7 @@ def test_second_command_hits_the_persistent_compilation_cache(run_dir, tmp_path)
     assert any((tmp_path / "cache").iterdir())
 
 
+@pytest.mark.slow
 def test_no_third_party_warnings_on_a_normal_unlearn(run_dir, tmp_path):
     proc = _cli(["unlearn", "--run", str(run_dir), "--ratio", "0.1", "--out", str(tmp_path / "u")])
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -76,6 +78,7 @@ def test_no_third_party_warnings_on_a_normal_unlearn(run_dir, tmp_path):
     assert len(proc.stdout.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_help_shows_defaults_and_version():
     proc = _cli(["unlearn", "--help"])
     assert proc.returncode == 0
@@ -188,6 +191,7 @@ def test_a_ctrl_c_swallowed_by_a_gc_callback_is_delivered_again():
     assert not any(t.name == "mini-unlearn-interrupts" for t in threading.enumerate())
 
 
+@pytest.mark.slow
 def test_certify_gives_a_bound_only_for_a_strongly_convex_objective(run_dir, tmp_path, capsys):
     strong = tmp_path / "strong"
     assert main(["train", "--data", SPEC, "--model", "logreg", "--l2", "1e-2", "--penalize-bias",

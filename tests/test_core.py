@@ -5,6 +5,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import mini_unlearn_jax as mu
 from mini_unlearn_jax.app.data import synthetic
@@ -19,6 +20,7 @@ def _trained():
     return ds, obj, st, mu.fit_stats(obj, st.params, ds.x_train)
 
 
+@pytest.mark.slow
 def test_core_composes_with_a_users_jit_and_batching():
     ds, obj, st, stats = _trained()
     x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)

@@ -72,6 +72,7 @@ def _dense_data_hessian(obj, params, x, y, keep):
     return jax.hessian(f)(w0), unravel
 
 
+@pytest.mark.slow
 def test_ekfac_diagonal_is_exact_in_kronecker_basis_and_removal_is_exact(logreg_problem):
     obj, params, x, y = logreg_problem
     probs = jax.nn.softmax(obj.apply_fn(params, x))

@@ -106,6 +106,7 @@ def test_bundled_and_synthetic_sets():
             load_dataset(bad)
 
 
+@pytest.mark.slow
 def test_tfds_loader_with_mock_data():
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=24):

@@ -65,6 +65,7 @@ def _unlearn(capsys, run, out, *extra):
     return rep
 
 
+@pytest.mark.slow
 def test_trajectory_unlearning_keeps_no_snapshot_of_the_original_after_the_rewind_point(trained, capsys):
     root, run_dir = trained
     rep = _unlearn(capsys, run_dir, root / "unl")
@@ -98,6 +99,7 @@ def test_trajectory_unlearning_keeps_no_snapshot_of_the_original_after_the_rewin
     assert rep2["details"]["snapshot_steps"] == [int(s) for s in steps]
 
 
+@pytest.mark.slow
 def test_fixed_point_unlearning_keeps_no_buffer_entry_of_the_trained_run(tmp_path, capsys):
     run = tmp_path / "run"
     assert cli.main(["train", "--data", "synthetic:n=500,n_test=200,d=8,classes=3,seed=2", "--model", "logreg",
@@ -120,6 +122,7 @@ def test_fixed_point_unlearning_keeps_no_buffer_entry_of_the_trained_run(tmp_pat
                    for a, b in zip(jax.tree.leaves(orig.opt_state), jax.tree.leaves(unl.opt_state), strict=True))
 
 
+@pytest.mark.slow
 def test_methods_that_rebuild_no_trajectory_keep_only_the_initialisation(trained, capsys):
     root, run_dir = trained
     orig = load_run(run_dir)

@@ -16,10 +16,13 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 from jax.flatten_util import ravel_pytree
 
 import mini_unlearn_jax as mu
 from mini_unlearn_jax.core.mini import removed_grad_sum
+
+pytestmark = pytest.mark.slow  # end-to-end: the quick tier (-m "not slow") leaves it out
 
 WORKER = Path(__file__).with_name("_distributed_worker.py")
 TIMEOUT_S = 180  # hard limit for both processes together; the test never hangs

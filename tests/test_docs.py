@@ -23,6 +23,7 @@ def blocks(page: Path) -> list[str]:
     return [code for info, code in FENCE.findall(page.read_text()) if "notest" not in info.split()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", [p for p in PAGES if blocks(p)], ids=lambda p: str(p.relative_to(ROOT)))
 def test_code_blocks_run(page, tmp_path):
     code = "\n".join(blocks(page))

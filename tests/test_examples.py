@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # end-to-end: the quick tier (-m "not slow") leaves it out
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ["linen_cnn", "nnx_cnn", "equinox_cnn", "function_cnn", "own_loop"]
 

@@ -20,6 +20,8 @@ from mini_unlearn_jax.app.harness import (
 from mini_unlearn_jax.core import registry as R
 from mini_unlearn_jax.core.problem import MethodOutput
 
+pytestmark = pytest.mark.slow  # end-to-end: the quick tier (-m "not slow") leaves it out
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = "synthetic:n=300,n_test=100,d=8,classes=3,seed=1"
 

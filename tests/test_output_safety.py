@@ -129,6 +129,7 @@ print("steps", count[0])
 """
 
 
+@pytest.mark.slow
 def test_a_replacement_killed_at_any_step_is_recovered(tmp_path):
     """Kill the replacement at every step: ``out`` then holds the old complete result, the new one,
     or -- killed between the renames -- nothing, with the old one aside; the next touch
@@ -435,6 +436,7 @@ def test_cli_folder_of_user_files_is_refused_with_or_without_overwrite(run_dir, 
     assert "notes.txt" in capsys.readouterr().err and os.listdir(out) == ["notes.txt"]
 
 
+@pytest.mark.slow
 def test_cli_overwrite_replaces_a_result_and_keeps_it_on_failure(run_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "u"
     assert unlearn(run_dir, out) == 0
@@ -470,6 +472,7 @@ def test_cli_trained_run_is_never_replaced(run_dir, tmp_path, capsys):
     assert snapshot(copy) == before
 
 
+@pytest.mark.slow
 def test_cli_export_probs_never_replaces_a_foreign_file(run_dir, tmp_path, capsys):
     probs = tmp_path / "probs.npz"
     probs.write_bytes(b"the user's own file")

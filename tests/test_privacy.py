@@ -144,6 +144,7 @@ def runs(tmp_path_factory):
     return root, run, unl
 
 
+@pytest.mark.slow
 def test_cmd_attack_end_to_end(runs):
     root, run, unl = runs
     out = root / "attack"
@@ -169,6 +170,7 @@ def test_cmd_attack_end_to_end(runs):
     assert not [p for p in root.iterdir() if p.name.startswith(".attack")]  # no temp dirs left
 
 
+@pytest.mark.slow
 def test_cmd_attack_refuses_existing_out_dir(runs):
     root, run, unl = runs
     out = root / "taken"
@@ -180,6 +182,7 @@ def test_cmd_attack_refuses_existing_out_dir(runs):
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_cmd_attack_rejects_a_trained_run_as_unlearned(runs):
     root, run, _ = runs
     args = _attack_args(["--run", str(run), "--unlearned", str(run), "--out", str(root / "nope")])

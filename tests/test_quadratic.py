@@ -23,6 +23,7 @@ from mini_unlearn_jax.core.models import cross_entropy
 from mini_unlearn_jax.core.problem import Problem, keep_mask
 from mini_unlearn_jax.core.training import TrainConfig
 
+pytestmark = pytest.mark.slow  # float64 fits on digits; the quick tier (-m "not slow") leaves it out
 LAM = 1e-2
 C = 10
 

@@ -29,6 +29,7 @@ def toy():
     R.unregister_method("toy-shrink")
 
 
+@pytest.mark.slow
 def test_one_registration_reaches_the_registry_the_cli_and_the_harness(toy, tmp_path, capsys):
     assert toy in mu.METHODS and R.get_method(toy).summary.startswith("a toy")
     # the CLI: --help lists it, and `unlearn --method toy-shrink` runs it end to end

@@ -26,6 +26,7 @@ from mini_unlearn_jax.core import registry as R
 
 SPEC = "synthetic:n=300,n_test=100,d=5,classes=3,seed=1"
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux-only")
+pytestmark = pytest.mark.slow  # end-to-end: its module fixture builds three runs through the CLI
 RETIRED_FILES = {MARKER_NAME, "removed.npy", "run.json", rt.TOMBSTONE_NAME}
 
 

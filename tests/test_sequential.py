@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from mini_unlearn_jax.app.checkpoint import load_run
 from mini_unlearn_jax.app.cli import main
@@ -14,6 +15,7 @@ from mini_unlearn_jax.evaluation.metrics import mean_kl, predict_probs, rel_para
 SPEC = "synthetic:n=500,n_test=300,d=8,classes=3,seed=11,sep=1.0"
 
 
+@pytest.mark.slow
 def test_five_sequential_requests_match_one_request_and_retraining(tmp_path):
     run = tmp_path / "r0"
     assert main(["train", "--data", SPEC, "--model", "logreg", "--l2", "1e-2", "--out", str(run)]) == 0
@@ -45,6 +47,7 @@ def test_five_sequential_requests_match_one_request_and_retraining(tmp_path):
         assert kl < 0.05 * kl_orig, (name, kl, kl_orig)
 
 
+@pytest.mark.slow
 def test_refresh_keeps_nothing_of_the_trained_buffer():
     """After a removal the buffer holds only entries computed on the remaining data at or around
     the new model: every written entry holds the remaining-data gradient at its own parameters,

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # end-to-end: the quick tier (-m "not slow") leaves it out
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "sequential_requests" / "run.py"
 SMOKE_REQUESTS = 3  # what --smoke serves

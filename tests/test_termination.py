@@ -123,6 +123,7 @@ def test_slow_contraction_converges_with_the_rate_of_the_exact_map():
     assert err < 1e-3
 
 
+@pytest.mark.slow
 def test_round_off_stall_in_float64_is_success_not_divergence(monkeypatch):
     with jax.enable_x64(True):
         ds, pb = _logreg_problem(np.float64)
@@ -218,6 +219,7 @@ def test_refinement_with_a_wrong_sign_operator_returns_the_input(logreg, monkeyp
     _assert_bitwise_equal(res.params, pb.params)
 
 
+@pytest.mark.slow
 def test_refinement_makes_exactly_refine_passes_data_passes(logreg, monkeypatch):
     ds, pb = logreg
     calls = []
@@ -283,6 +285,7 @@ def test_vmapped_batch_with_one_failing_request(logreg):
         ul.fixed_point_unlearn_many(*args, reqs, stats=pb.stats, config=cfg, throw=True)
 
 
+@pytest.mark.slow
 def test_the_number_of_requests_is_bucketed(logreg):
     ds, pb = logreg
     cfg = ul.MiniConfig(refine_passes=1, min_bucket=32)  # a config no other test uses
@@ -300,6 +303,7 @@ def test_the_number_of_requests_is_bucketed(logreg):
 # -- input checks ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_stale_buffer_is_refused(logreg):
     ds, pb = logreg
     forget = np.arange(0, 600, 10)
@@ -331,6 +335,7 @@ def test_ekfac_is_refused_for_a_loss_other_than_softmax_cross_entropy(logreg):
     assert ul.resolve_curvature(same, ul.MiniConfig(), pb.stats) == "ekfac"
 
 
+@pytest.mark.slow
 def test_float64_end_to_end_under_x64(logreg):
     _, pb32 = logreg
     forget = np.arange(0, 600, 4)
@@ -353,6 +358,7 @@ def test_float64_end_to_end_under_x64(logreg):
     assert rel64 < 0.5 and abs(rel32 - rel64) < 1e-3, (rel32, rel64)
 
 
+@pytest.mark.slow
 def test_float32_parameters_stay_float32_under_x64(logreg):
     ds, pb = logreg
     forget = np.arange(0, 600, 4)

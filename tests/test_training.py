@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
@@ -11,6 +12,7 @@ from mini_unlearn_jax.core.snapshots import nbytes, ordered, snapshot_buffer
 from mini_unlearn_jax.core.training import TrainConfig, Trainer
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None)
 @given(size=st.integers(1, 5), every=st.integers(1, 4), steps=st.integers(0, 20))
 def test_snapshot_buffer_keeps_newest_selected_steps(size, every, steps):
@@ -52,6 +54,7 @@ def test_masked_full_batch_training_equals_training_on_the_subset():
     assert float(a.grad_norm) < 1e-5
 
 
+@pytest.mark.slow
 def test_minibatch_training_records_full_data_gradient_and_is_deterministic():
     ds = synthetic(n=100, d=4, classes=3, seed=5)
     model = build_model("mlp", 3, hidden=8)

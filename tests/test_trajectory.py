@@ -147,6 +147,7 @@ def tiny():
     return ds, obj, cfg, problem, traj
 
 
+@pytest.mark.slow
 def test_training_with_the_buffer_is_the_trainers_recipe_bit_for_bit(tiny):
     ds, obj, cfg, problem, traj = tiny
     ref = Trainer(obj, cfg).fit(problem.params0, ds.x_train, ds.y_train)
@@ -160,6 +161,7 @@ def _forget_loss(obj, params, x, y):
     return float(jnp.mean(obj.losses(params, x, y)))
 
 
+@pytest.mark.slow
 def test_method_on_a_tiny_mlp_against_retraining(tiny):
     ds, obj, cfg, problem, traj = tiny
     forget = np.arange(0, 300, 5)  # 20 %

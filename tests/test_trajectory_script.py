@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # end-to-end: the quick tier (-m "not slow") leaves it out
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "trajectory" / "run.py"
 MODELS = ("original", "retrain", "trajectory", "traj-no-cal", "traj-from-init", "from-init", "finetune",

@@ -83,6 +83,7 @@ def logreg():
     return ds, problem
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ratio", [0.1, 0.5])
 def test_mini_is_close_to_retraining_at_high_ratios(logreg, ratio):
     ds, problem = logreg
@@ -161,6 +162,7 @@ def test_nan_in_removed_examples_is_caught(logreg):
     chex.assert_tree_all_finite(res.params)
 
 
+@pytest.mark.slow
 def test_no_recompilation_within_a_bucket_and_vmapped_requests_match(logreg):
     ds, problem = logreg
     cfg = ul.MiniConfig(refine_passes=2, min_bucket=128)
@@ -239,6 +241,7 @@ def test_validate_indices_property(values):
             ul.validate_indices(arr, 50)
 
 
+@pytest.mark.slow
 def test_stream_of_requests_compiles_once_per_bucket(logreg):
     ds, problem = logreg
     cfg = ul.MiniConfig(refine_passes=1, min_bucket=64, chunk=32)  # a config no other test uses
@@ -254,6 +257,7 @@ def test_stream_of_requests_compiles_once_per_bucket(logreg):
     assert buckets == {64, 128, 256, 512}
 
 
+@pytest.mark.slow
 def test_removed_grad_sum_equals_sum_of_per_example_grads():
     """The chunked masked-sum gradient equals an explicit sum of vmapped per-example gradients
     over the unmasked rows (MLP, padding rows masked out)."""
@@ -306,6 +310,7 @@ def _dense_newton_step(problem, forget):
     return w0, step
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ratio", [0.1, 0.5])
 def test_ekfac_refinement_reaches_the_dense_newton_step(logreg, ratio):
     ds, problem = logreg
@@ -321,6 +326,7 @@ def test_ekfac_refinement_reaches_the_dense_newton_step(logreg, ratio):
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-3 * max(1.0, float(np.linalg.norm(step))))
 
 
+@pytest.mark.slow
 def test_subsampled_removed_curvature_estimate_and_solve(logreg):
     ds, problem = logreg
     n = ds.n_train

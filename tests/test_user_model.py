@@ -66,6 +66,7 @@ def test_restore_needs_the_users_objective_and_tree(saved):
     assert not (run_dir.parent / "no_obj").exists()
 
 
+@pytest.mark.slow
 def test_every_applicable_method_runs_in_another_process(saved):
     run_dir, w, _, p0 = saved
     proc = subprocess.run([sys.executable, str(pathlib.Path(__file__).parent / "_user_model.py"), "restore",
