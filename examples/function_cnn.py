@@ -48,10 +48,10 @@ params0 = init_params(jax.random.key(0))
 objective = mu.make_objective(apply_fn, l2=0.0)
 
 steps = 40 * len(data.y_train) // 128  # 40 epochs of 128 images
-# snapshot_every=steps: no full-data gradient at every step for the gradient snapshot buffer
-# (the convex solver's, unused here); chunk=steps: one compiled program for the whole run
+# snapshots=0: no gradient snapshot buffer (the convex solver's, unused here), so no full-data
+# gradient pass; chunk=steps: one compiled program for the whole run
 cfg = mu.TrainConfig(optimizer="adam", learning_rate=2e-3, steps=steps, batch_size=128,
-                     snapshots=1, snapshot_every=steps, chunk=steps)
+                     snapshots=0, chunk=steps)
 trainer = mu.Trainer(objective, cfg, trajectory=mu.trajectory_buffer(mu.log_schedule(steps, 12)))
 state = trainer.fit(params0, data.x_train, data.y_train)
 

@@ -28,6 +28,8 @@ from .core.models import (
     MLP,
     LogisticRegression,
     Objective,
+    PatchConv,
+    ResidualCNN,
     build_model,
     check_param_dtypes,
     init_params,
@@ -94,7 +96,8 @@ def __getattr__(name):
 
 __all__ = [
     # models and objectives
-    "Model", "as_model", "find_head", "update_module", "Objective", "make_objective", "check_param_dtypes", "LogisticRegression", "MLP", "build_model", "init_params",
+    "Model", "as_model", "find_head", "update_module", "Objective", "make_objective", "check_param_dtypes", "LogisticRegression", "MLP", "ResidualCNN", "PatchConv",
+    "build_model", "init_params",
     # training
     "TrainConfig", "Trainer", "TrainState", "default_config", "train",
     "SnapshotBuffer", "SnapshotState", "snapshot_buffer", "data_grad_fn",

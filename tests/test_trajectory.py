@@ -103,7 +103,7 @@ def test_memorisation_gaps_and_standard_errors_match_numpy():
     x, y = jnp.asarray(rng.normal(size=(40, 4)), jnp.float32), jnp.asarray(rng.integers(0, 3, 40))
     mask = jnp.asarray((np.arange(40) < 25).astype(np.float32))  # 25 real rows, 15 padding
     xv, yv = x[:10] + 1.0, y[:10]
-    gaps, se = TJ.memorisation_gaps(obj, traj, x, y, mask, xv, yv)
+    gaps, se, hse = TJ.memorisation_gaps(obj, traj, x, y, mask, xv, yv)
     for k in range(2):
         p = jax.tree.map(lambda a, k=k: a[k], traj)
         pf = np.exp(-np.asarray(obj.losses(p, x, y)))[:25]
@@ -111,7 +111,6 @@ def test_memorisation_gaps_and_standard_errors_match_numpy():
         np.testing.assert_allclose(float(gaps[k]), pf.mean() - pv.mean(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(float(se[k]), pf.std(ddof=1) / np.sqrt(25), rtol=1e-4)
     # the held-out standard error (the rule's noise): sample s.d. of the held-out probabilities / sqrt(10)
-    hse = TJ.heldout_se(obj, traj, xv, yv)
     assert hse.shape == (2,)
     for k in range(2):
         pv = np.exp(-np.asarray(obj.losses(jax.tree.map(lambda a, k=k: a[k], traj), xv, yv)))
@@ -174,7 +173,7 @@ def test_method_on_a_tiny_mlp_against_retraining(tiny):
     assert out.converged and 0 <= out.info["rewind_step"] < cfg.steps
     assert out.info["steps"] == 60  # budget 0.15 of 400 steps
     # the rule's noise is reported with its choice: the held-out standard error of every snapshot's gap
-    np.testing.assert_allclose(out.info["gap_se"], np.asarray(TJ.heldout_se(obj, traj.params, xv, yv)), rtol=1e-5)
+    np.testing.assert_allclose(out.info["gap_se"], np.asarray(TJ.memorisation_gaps(obj, traj.params, xv, yv, jnp.ones(len(yv)), xv, yv)[2]), rtol=1e-5)
     k = out.info["rewind_index"]
     assert f"standard error {out.info['gap_se'][k]:.3f}" in out.reason and out.info["gap_se"][-1] > 0
     xf, yf = problem.x[forget], problem.y[forget]

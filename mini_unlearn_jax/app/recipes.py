@@ -101,8 +101,8 @@ def build_problem(data: str | Dataset, model: str, l2: float, seed: int = 0, *, 
             raise ValueError("a trajectory buffer is for mini-batch recipes (adam or sgd with a batch size)")
         schedule = tuple(schedule) if schedule is not None else log_schedule(cfg.steps, min(size, cfg.steps + 1))
         buf = trajectory_buffer(schedule, with_opt_state=with_opt_state)
-        if not keep:  # one slot, never written after step 0: no full-data gradient passes
-            train_cfg = dataclasses.replace(cfg, snapshots=1, snapshot_every=cfg.steps + 1)
+        if not keep:  # no snapshot buffer: no full-data gradient passes
+            train_cfg = dataclasses.replace(cfg, snapshots=0)
     trainer = Trainer(objective, train_cfg, trajectory=buf)
     t0 = time.perf_counter()
     state = trainer.fit(params0, x, y, verbose=verbose)

@@ -19,6 +19,7 @@ parameters, which is what makes the certificate of :mod:`mini_unlearn_jax.core.c
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -53,6 +54,110 @@ class MLP(nn.Module):
         x = x.reshape((x.shape[0], -1))
         x = nn.relu(nn.Dense(self.hidden)(x))
         return nn.Dense(self.num_classes)(x)
+
+
+def _same_padding(size: int, k: int, s: int) -> tuple[tuple[int, int], int]:
+    """``SAME`` padding as XLA pads it (low, high) and the output size, for one spatial axis."""
+    out = -(-size // s)
+    total = max((out - 1) * s + k - size, 0)
+    return (total // 2, total - total // 2), out
+
+
+def _patches(x: Array, k: int, s: int) -> Array:
+    """``[B, H', W', k*k*C]``: the ``k*k`` shifted views of the ``SAME``-padded input, stacked
+    on the channel axis in the kernel's ``(row, column, channel)`` order."""
+    (ph, ho), (pw, wo) = _same_padding(x.shape[1], k, s), _same_padding(x.shape[2], k, s)
+    xp = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
+    views = [xp[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s, :] for i in range(k) for j in range(k)]
+    return jnp.concatenate(views, axis=-1)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def patch_conv(x: Array, kernel: Array, strides: int) -> Array:
+    """``SAME`` convolution of ``x [B, H, W, C]`` with ``kernel [k, k, C, F]`` (odd ``k``): XLA's
+    own convolution forward, and derivatives through image patches (see :class:`PatchConv`)."""
+    k = kernel.shape[0]
+    pads = [_same_padding(x.shape[1], k, strides)[0], _same_padding(x.shape[2], k, strides)[0]]
+    return jax.lax.conv_general_dilated(x, kernel, (strides, strides), pads,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@patch_conv.defjvp
+def _patch_conv_jvp(strides, primals, tangents):
+    # conv(x, K) = patches(x) @ K as a matrix, so its tangent is
+    # patches(dx) @ K + patches(x) @ dK: slices and matrix products, whose transposes (the
+    # reverse-mode gradient) are slice-adds and matrix products again
+    x, kernel = primals
+    dx, dkernel = tangents
+    k, f = kernel.shape[0], kernel.shape[-1]
+    mat = lambda a: a.reshape(-1, f)
+    y = patch_conv(x, kernel, strides)
+    return y, _patches(dx, k, strides) @ mat(kernel) + _patches(x, k, strides) @ mat(dkernel)
+
+
+class PatchConv(nn.Module):
+    """A ``k x k`` convolution (odd ``k``, ``SAME`` padding, ``strides``) whose derivatives go
+    through image patches: the ``k*k`` shifted views of the padded input stacked on the channel
+    axis (``[B, H', W', k*k*C]``) times the kernel as a ``[k*k*C, features]`` matrix. The
+    forward pass is XLA's convolution, so it computes what ``nn.Conv(features, (k, k), strides,
+    padding="SAME")`` computes, with the same parameters (``kernel [k, k, C, features]``,
+    ``bias``); its gradient is slice-adds and matrix products. XLA:CPU runs the native
+    convolution's gradient inside a compiled training loop (``lax.scan``) about 20 times slower
+    (``benchmarks/conv_in_scan.py``). Forward and reverse mode, and their compositions
+    (Hessian-vector products), all work."""
+
+    features: int
+    kernel_size: int = 3
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        k = self.kernel_size
+        if k % 2 != 1:
+            raise ValueError(f"PatchConv takes an odd kernel size, got {k}")
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        return patch_conv(x, kernel, self.strides) + bias
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 convolutions with a skip connection: ``relu(x + conv(relu(conv(x))))``."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        h = nn.relu(PatchConv(self.features)(x))
+        return nn.relu(x + PatchConv(self.features)(h))
+
+
+class ResidualCNN(nn.Module):
+    """A small residual CNN for square single-channel images given as flat rows ``[B, s*s]``
+    (or ``[B, s, s]`` / ``[B, s, s, 1]``).
+
+    A strided 3x3 convolution to ``width`` channels (``s/2``), a :class:`ResidualBlock`, a
+    strided convolution to ``2 * width`` channels (``s/4``), another block and a linear head on
+    the flattened features (``params["Dense_0"]``): 43,626 parameters for 28x28 images at
+    ``width=16``, enough to fit a few thousand images almost exactly (a model that leaks
+    membership, as the unlearning benchmarks need). No
+    normalisation layers: the parameters are the model's whole state, as the library's pure
+    functions expect. The convolutions are :class:`PatchConv`."""
+
+    num_classes: int
+    width: int = 16
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        d = x.size // x.shape[0]
+        side = int(round(d ** 0.5))
+        if side * side != d:
+            raise ValueError(f"ResidualCNN takes square single-channel images; got rows of {d} values")
+        x = x.reshape((x.shape[0], side, side, 1))
+        x = nn.relu(PatchConv(self.width, strides=2)(x))
+        x = ResidualBlock(self.width)(x)
+        x = nn.relu(PatchConv(2 * self.width, strides=2)(x))
+        x = ResidualBlock(2 * self.width)(x)
+        return nn.Dense(self.num_classes)(x.reshape((x.shape[0], -1)))
 
 
 def cross_entropy(logits: Array, label: Array) -> Array:
@@ -235,14 +340,17 @@ def center_softmax_bias(params: Params) -> Params:
 
 
 def build_model(name: str, num_classes: int, *, hidden: int = 256) -> nn.Module:
-    """Model by CLI name: ``logreg`` or ``mlp``."""
+    """Model by CLI name: ``logreg``, ``mlp`` (``hidden`` units) or ``cnn`` (:class:`ResidualCNN`
+    of width 16, for square images; ``hidden`` does not apply)."""
     if name == "logreg":
         return LogisticRegression(num_classes=num_classes)
     if name == "mlp":
         if hidden < 1:
             raise ValueError(f"--hidden must be a positive integer, got {hidden}")
         return MLP(num_classes=num_classes, hidden=hidden)
-    raise ValueError(f"unknown model {name!r}: choose 'logreg' or 'mlp'")
+    if name == "cnn":
+        return ResidualCNN(num_classes=num_classes)
+    raise ValueError(f"unknown model {name!r}: choose 'logreg', 'mlp' or 'cnn'")
 
 
 def init_params(model: nn.Module, x_example: Array, seed: int, dtype=None) -> Params:

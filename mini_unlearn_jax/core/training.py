@@ -40,9 +40,14 @@ class TrainConfig:
       batch_size: ``None`` for full batch, else the mini-batch size.
       tol: full batch only -- stop once the objective's gradient norm is below ``tol``.
       seed: seeds the init (done by the caller) and the mini-batch order.
-      snapshots: K, the snapshot buffer size.
+      snapshots: K, the snapshot buffer size; 0 keeps no snapshot buffer, and then training runs
+        no full-data gradient pass at all (a network that keeps only a trajectory buffer).
       snapshot_every: the buffer keeps steps ``t`` with ``t % snapshot_every == 0``.
       chunk: steps per compiled chunk (progress is printed between chunks).
+      lr_schedule: ``"constant"``, or ``"cosine"``: the learning rate decays from
+        ``learning_rate`` to 0 over ``steps`` (``optax.cosine_decay_schedule``) in training and
+        retraining. Unlearning methods run their own short phases at a constant or one-cycle
+        rate, whatever the recipe's schedule (not for lbfgs or a ready GradientTransformation).
     """
 
     optimizer: str = "lbfgs"
@@ -54,16 +59,26 @@ class TrainConfig:
     snapshots: int = 8
     snapshot_every: int = 1
     chunk: int = 100
+    lr_schedule: str = "constant"
 
     def __post_init__(self):
         if not (self.optimizer in ("lbfgs", "adam", "sgd") or callable(self.optimizer)
                 or isinstance(self.optimizer, optax.GradientTransformation)):
             raise ValueError(f"unknown optimizer {self.optimizer!r}: use lbfgs, adam or sgd, an optax optimizer "
                              "factory such as optax.adamw, or an optax.GradientTransformation")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.lr_schedule != "constant" and (self.optimizer == "lbfgs"
+                                               or isinstance(self.optimizer, optax.GradientTransformation)):
+            raise ValueError("lr_schedule applies to adam, sgd and optimizer factories; lbfgs line-searches and a "
+                             "ready GradientTransformation carries its own schedule")
         if self.optimizer == "lbfgs" and self.batch_size is not None:
             raise ValueError("lbfgs trains full batch: set batch_size=None or use adam/sgd")
-        if self.steps < 1 or self.snapshots < 1 or self.snapshot_every < 1 or self.chunk < 1:
-            raise ValueError("steps, snapshots, snapshot_every and chunk must be positive")
+        if self.steps < 1 or self.snapshots < 0 or self.snapshot_every < 1 or self.chunk < 1:
+            raise ValueError("steps, snapshot_every and chunk must be positive, snapshots at least 0")
+        if self.snapshots == 0 and (self.batch_size is None or self.optimizer == "lbfgs"):
+            raise ValueError("snapshots=0 (no snapshot buffer) is for mini-batch recipes; full-batch training keeps "
+                             "at least one snapshot (the fixed point reads it)")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
 
@@ -92,13 +107,14 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     """The recipe's optax optimizer (see :class:`TrainConfig`'s ``optimizer``)."""
     if isinstance(cfg.optimizer, optax.GradientTransformation):
         return cfg.optimizer
-    if callable(cfg.optimizer):
-        return cfg.optimizer(cfg.learning_rate)
     if cfg.optimizer == "lbfgs":
         return optax.lbfgs(memory_size=20)
-    if cfg.optimizer == "adam":
-        return optax.adam(cfg.learning_rate)
-    return optax.sgd(cfg.learning_rate)
+    lr = cfg.learning_rate
+    if cfg.lr_schedule == "cosine":
+        lr = optax.cosine_decay_schedule(cfg.learning_rate, cfg.steps)
+    if callable(cfg.optimizer):
+        return cfg.optimizer(lr)
+    return optax.adam(lr) if cfg.optimizer == "adam" else optax.sgd(lr)
 
 
 def batch_indices(step, n: int, batch_size: int | None, seed: int) -> tuple[jax.Array, jax.Array]:
@@ -130,7 +146,7 @@ class Trainer:
         self.cfg = cfg
         self.trajectory = trajectory
         self.opt = make_optimizer(cfg)
-        self.buffer: SnapshotBuffer = snapshot_buffer(cfg.snapshots, cfg.snapshot_every)
+        self.buffer: SnapshotBuffer | None = snapshot_buffer(cfg.snapshots, cfg.snapshot_every) if cfg.snapshots else None
         self._run_chunk = jax.jit(self._chunk, static_argnames=("length",))
         self._init = jax.jit(self.init)
         self._finish = jax.jit(self.finish)
@@ -160,7 +176,7 @@ class Trainer:
             step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=opt_state,
-            snapshots=self.buffer.init(params),
+            snapshots=self.buffer.init(params) if self.buffer is not None else (),
             grad_norm=jnp.asarray(jnp.inf, jnp.float32),
             trajectory=traj,
         )
@@ -184,13 +200,14 @@ class Trainer:
             fn = lambda p: obj.data_loss(p, x[bidx], y[bidx], bw) + obj.penalty(p)
             grad = jax.grad(fn)(state.params)
             updates, opt_state = self.opt.update(grad, state.opt_state, state.params)
-            take = state.step % cfg.snapshot_every == 0
-            snaps = jax.lax.cond(
-                take,
-                lambda s: self.buffer.update(s, state.step, state.params, self.full_data_grad(state.params, x, y, weights)),
-                lambda s: s,
-                state.snapshots,
-            )
+            snaps = state.snapshots
+            if self.buffer is not None:
+                snaps = jax.lax.cond(
+                    state.step % cfg.snapshot_every == 0,
+                    lambda s: self.buffer.update(s, state.step, state.params, self.full_data_grad(state.params, x, y, weights)),
+                    lambda s: s,
+                    snaps,
+                )
             gnorm = state.grad_norm
         params = optax.apply_updates(state.params, updates)
         traj = state.trajectory
@@ -199,9 +216,12 @@ class Trainer:
         return TrainState(state.step + 1, params, opt_state, snaps, gnorm, traj)
 
     def finish(self, state: TrainState, x, y, weights) -> TrainState:
-        """Canonicalise the final parameters and record ``(T, w*, grad G_D(w*))`` in the buffer."""
+        """Canonicalise the final parameters and record ``(T, w*, grad G_D(w*))`` in the buffer
+        (without a buffer, ``snapshots=0``, no gradient is computed and ``grad_norm`` is NaN)."""
         if self.objective.canonicalize is not None:
             state = state._replace(params=self.objective.canonicalize(state.params))
+        if self.buffer is None:
+            return state._replace(grad_norm=jnp.full_like(state.grad_norm, jnp.nan))
         g = self.full_data_grad(state.params, x, y, weights)
         snaps = self.buffer.update(state.snapshots, state.step, state.params, g, force=True)
         full = jax.tree.map(jnp.add, g, self.objective.penalty_grad(state.params))
@@ -223,8 +243,8 @@ class Trainer:
     def fit(self, params: Params, x, y, weights=None, *, verbose: bool = False, label: str = "train") -> TrainState:
         """Train from ``params`` for ``cfg.steps`` steps (or until ``tol``); returns the final state.
 
-        The final parameters and their full-data gradient are always written to the
-        snapshot buffer, so its newest entry is ``(T, w*, grad G_D(w*))``.
+        With a snapshot buffer, the final parameters and their full-data gradient are always
+        written to it, so its newest entry is ``(T, w*, grad G_D(w*))``.
         """
         cfg = self.cfg
         check_param_dtypes(params, f"{label}: the parameters")

@@ -91,7 +91,7 @@ def train_with_trajectory(objective: Objective, cfg: TrainConfig, params0: Param
     ``Trainer(objective, cfg).fit(...)``'s bit for bit. ``schedule`` defaults to
     ``log_schedule(cfg.steps, size)``. With ``keep_snapshots`` the recipe's own snapshot buffer
     is filled too (and finished at ``w*``, as ``fit`` does), so the returned state serves the
-    fixed-point methods as well; otherwise it is left empty (no full-data gradient passes).
+    fixed-point methods as well; otherwise there is none (``snapshots=0``: no full-data gradient pass).
 
     Returns:
       ``(final TrainState, TrajectoryState)``; the buffer's last slot holds ``w*``.
@@ -103,8 +103,8 @@ def train_with_trajectory(objective: Objective, cfg: TrainConfig, params0: Param
         raise ValueError(f"the schedule must end at the last step {cfg.steps}, got {schedule[-1]}")
     x, y = jnp.asarray(x), jnp.asarray(y)
     w = jnp.ones((x.shape[0],), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
-    # without keep_snapshots the project's snapshot buffer is not needed: one slot, never written
-    trainer_cfg = cfg if keep_snapshots else dataclasses.replace(cfg, snapshots=1, snapshot_every=cfg.steps + 1)
+    # without keep_snapshots the project's snapshot buffer is not needed: no full-data gradient pass
+    trainer_cfg = cfg if keep_snapshots else dataclasses.replace(cfg, snapshots=0)
     return _train(objective, trainer_cfg, schedule, with_opt_state, keep_snapshots, params0, x, y, w)
 
 
@@ -135,11 +135,15 @@ class TrajectoryData(NamedTuple):
 
 
 def memorisation_gaps(objective: Objective, traj_params: Params, x_forget, y_forget, forget_mask,
-                      x_val, y_val) -> tuple[jax.Array, jax.Array]:
-    """``(m, se)``: ``m[k]`` = mean true-class probability of snapshot ``k`` on the (masked) forget
-    set minus that on the held-out set, and ``se[k]`` the standard error of the forget-set mean
-    (sample standard deviation over the masked rows / sqrt(count)): ``[K]`` each. ``m`` is near 0
-    before memorisation and grows as training fits the forget set better than unseen data."""
+                      x_val, y_val) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(m, se, se_val)``, ``[K]`` each, from one forward pass per snapshot ``k`` over the forget
+    and held-out sets: ``m[k]`` = mean true-class probability on the (masked) forget set minus
+    that on the held-out set; ``se[k]`` the standard error of the forget-set mean (sample
+    standard deviation over the masked rows / sqrt(count)); ``se_val[k]`` that of the held-out
+    mean, the sampling noise of the training-set gap the rewind rule reads (with 500 held-out
+    images ~0.013 once a model fits, as large as the rule's threshold:
+    experiments/trajectory/results/rewind_noise/table.md; an estimate, not a bound). ``m`` is
+    near 0 before memorisation and grows as training fits the forget set better than unseen data."""
 
     def gap(p):
         pf = jnp.exp(-objective.losses(p, x_forget, y_forget))
@@ -147,22 +151,9 @@ def memorisation_gaps(objective: Objective, traj_params: Params, x_forget, y_for
         cnt = jnp.maximum(jnp.sum(forget_mask), 1.0)
         mf = jnp.sum(pf * forget_mask) / cnt
         var = jnp.sum(forget_mask * (pf - mf) ** 2) / jnp.maximum(cnt - 1.0, 1.0)
-        return mf - jnp.mean(pv), jnp.sqrt(var / cnt)
+        return mf - jnp.mean(pv), jnp.sqrt(var / cnt), jnp.std(pv, ddof=1) / jnp.sqrt(pv.shape[0])
 
     return jax.lax.map(gap, traj_params)
-
-
-def heldout_se(objective: Objective, traj_params: Params, x_val, y_val) -> jax.Array:
-    """``[K]``: the standard error of the held-out mean true-class probability at every snapshot
-    (sample standard deviation over the held-out set / sqrt(its size)). It is the sampling noise of
-    the training-set gap the rewind rule reads: with 500 held-out images ~0.013 once a model fits,
-    as large as the rule's threshold (experiments/trajectory/results/rewind_noise/table.md). An estimate, not a bound."""
-
-    def se(p):
-        pv = jnp.exp(-objective.losses(p, x_val, y_val))
-        return jnp.std(pv, ddof=1) / jnp.sqrt(pv.shape[0])
-
-    return jax.lax.map(se, traj_params)
 
 
 def rule_gaps(forget_gaps: jax.Array, forget_se: jax.Array, profile: jax.Array, z: float) -> jax.Array:
@@ -383,7 +374,7 @@ class TrajectoryResult(NamedTuple):
     """``params``; the snapshot it restarted from (``rewind_index``, ``rewind_step``); the
     memorisation gap of every snapshot (``gaps [K]``); the temperature ``tau`` (1 when not
     calibrated); ``steps`` of retraining; ``finite``: whether the result is finite; ``gap_se [K]``:
-    the held-out standard error of the gaps (:func:`heldout_se`); ``trajectory``: the unlearned
+    the held-out standard error of the gaps (:func:`memorisation_gaps`); ``trajectory``: the unlearned
     model's own trajectory buffer (slots up to the rewind point kept, the later ones written along
     the retraining phase on the same schedule, the last one ``params``: :func:`phase_schedule`)."""
 
@@ -420,7 +411,7 @@ def trajectory_unlearn(objective: Objective, cfg: TrainConfig, config: Trajector
       x_val, y_val: a labelled held-out set (never trained on).
     """
     xf, yf = x[forget_idx], y[forget_idx]
-    fgaps, fse = memorisation_gaps(objective, traj.params, xf, yf, forget_mask, x_val, y_val)
+    fgaps, fse, gse = memorisation_gaps(objective, traj.params, xf, yf, forget_mask, x_val, y_val)
     gaps = rule_gaps(fgaps, fse, profile, config.noise_z)
     if config.rewind_at is None:
         k = select_snapshot(gaps, traj.steps, config.threshold)
@@ -438,7 +429,6 @@ def trajectory_unlearn(objective: Objective, cfg: TrainConfig, config: Trajector
         out, tau = calibrate(objective, out, params, x_val, y_val, config.head)
     trace = put_slot(trace, traj.steps.shape[0] - 1, out)
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(out)]))
-    gse = heldout_se(objective, traj.params, x_val, y_val)
     return TrajectoryResult(out, k, traj.steps[k], gaps, tau, steps, finite, gse, trace)
 
 

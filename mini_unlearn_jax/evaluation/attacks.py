@@ -8,6 +8,8 @@ attack produces a score per example where *higher means "member"*. The pieces:
 - `threshold_attacks` -- loss, confidence, entropy and modified-entropy (Song & Mittal 2021)
   scores from predicted probabilities.
 - `learned_attack` -- logistic regression on output features, out-of-fold scores.
+- `population_attack` -- the population attack of the Deep Unlearn protocol (Cadet et al. 2024):
+  logistic regression on the per-example loss, cross-validated accuracy and indiscernibility.
 - `logit_confidence` -- the logit-scaled confidence `phi = log p_y - log sum_{c != y} p_c`, the
   statistic of LiRA (`evaluation/lira.py`, the shadow-model attack) and of the forget score.
 - `forget_epsilons` / `forget_score` -- the per-example epsilon estimate and forget score in the
@@ -231,6 +233,45 @@ def learned_attack(
         clf.fit(feats[tr], labels[tr])
         scores[te] = clf.decision_function(feats[te])
     return roc_metrics(scores[labels == 1], scores[labels == 0])
+
+
+def population_attack(member_losses: Any, nonmember_losses: Any, *, n_splits: int = 10, seed: int = 0
+                      ) -> dict[str, float]:
+    """The population membership attack: logistic regression on the per-example loss.
+
+    The larger of the two sets is subsampled (seeded) to the size of the smaller; a
+    standardized logistic regression on the loss alone is fitted on 90 % of the examples and
+    scored on the other 10 % for each of ``n_splits`` stratified shuffle splits. Returns:
+
+    - ``accuracy``: the mean held-out accuracy (0.5: members and non-members indiscernible);
+    - ``indiscernibility`` = ``1 - |accuracy - 0.5| / 0.5``, in ``[0, 1]`` (1 is best);
+    - ``auc``: the ROC-AUC of the loss itself as the attack score (``-loss``, members = low
+      loss) on the balanced sets, in the project's convention (`roc_metrics`): 0.5 when the
+      losses are exchangeable, above when the members fit better, below when they fit worse
+      (as for a class the retrained model never saw);
+    - ``n_members``, ``n_nonmembers``: the balanced counts.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedShuffleSplit
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    mem, non = _as_scores(member_losses, "member_losses"), _as_scores(nonmember_losses, "nonmember_losses")
+    k = min(mem.size, non.size)
+    if k < n_splits:
+        raise ValueError(f"the population attack needs at least n_splits={n_splits} members and non-members, "
+                         f"got {mem.size} and {non.size}")
+    rng = np.random.default_rng(seed)
+    mem, non = rng.permutation(mem)[:k], rng.permutation(non)[:k]
+    feats = np.r_[mem, non][:, None]
+    labels = np.r_[np.ones(k, int), np.zeros(k, int)]
+    accs = []
+    for tr, te in StratifiedShuffleSplit(n_splits=n_splits, test_size=0.1, random_state=seed).split(feats, labels):
+        clf = make_pipeline(StandardScaler(), LogisticRegression())
+        accs.append(clf.fit(feats[tr], labels[tr]).score(feats[te], labels[te]))
+    acc = float(np.mean(accs))
+    return {"accuracy": acc, "indiscernibility": 1.0 - abs(acc - 0.5) / 0.5,
+            "auc": roc_metrics(-mem, -non)["auc"], "n_members": int(k), "n_nonmembers": int(k)}
 
 
 # =============================================================================
