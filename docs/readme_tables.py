@@ -1,8 +1,10 @@
 """Write the README's generated tables: the methods (from the registry) and the headline results
-(from the committed experiment results), between ``<!-- NAME:begin -->`` / ``<!-- NAME:end -->``.
+(from the committed experiment results), between ``<!-- NAME:begin -->`` / ``<!-- NAME:end -->``;
+and the CNN benchmark's tables in docs/results.md and experiments/cnn_benchmark/README.md, its
+plot copied to docs/img/.
 
-    python docs/readme_tables.py           # rewrite README.md's tables in place
-    python docs/readme_tables.py --check   # exit 1 when README.md's tables are not these
+    python docs/readme_tables.py           # rewrite the generated blocks in place
+    python docs/readme_tables.py --check   # exit 1 when they are not these
 
 Nothing here measures anything: every figure is read from a committed results file, whose
 command is named beside the table.
@@ -18,8 +20,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+RESULTS_PAGE = ROOT / "docs" / "results.md"
+CNN_PLOT = ROOT / "docs" / "img" / "cnn_gap_vs_time.png"
 MAIN = ROOT / "experiments/main/results/fashion_mnist-logreg/reports.json"
-PRIVACY = ROOT / "experiments/privacy/results/default/results.json"
+CNN = ROOT / "experiments/cnn_benchmark/results/cpu"
 SEQUENTIAL = ROOT / "experiments/sequential_requests/results/results.json"
 
 
@@ -49,26 +53,31 @@ def convex_table() -> str:
     return "\n".join(rows)
 
 
-def _ci(v, fmt="{:+.3f}") -> str:
-    return f"{fmt.format(v[0])} [{fmt.format(v[1])}, {fmt.format(v[2])}]"
-
-
 def network_table() -> str:
-    d = json.loads(PRIVACY.read_text())
-    shown = {"mini": "`mini` (trajectory unlearning)", "from-init": "retraining from the initialisation, same time",
-             "finetune": "`finetune`", "original": "the trained model (no unlearning)"}
-    rows = ["| removed | model | loss-attack AUC gap | LiRA AUC gap | forget loss / retrain's | test acc (pts) | "
-            "time ratio |", "|---:|---|---:|---:|---:|---:|---:|"]
-    for ratio, block in d["summary"].items():
-        for name, label in shown.items():
-            s = block[name]
-            tr = s.get("time_ratio")
-            rows.append(f"| {float(ratio):.0%} | {label} | {_ci(s['loss_gap'])} | {_ci(s['lira_gap'])} | "
-                        f"{s['forget_loss_ratio'][0]:.2f} | {s['test_acc_pts'][0]:+.2f} | "
-                        f"{'—' if not tr or tr[0] is None else f'{tr[0]:.3f}'} |")
+    import tomllib
+
+    summary = json.loads((CNN / "summary.json").read_text())
+    cfg = tomllib.loads((CNN.parents[1] / "config.toml").read_text())
+    requests = {"random10": "random 10 %", "class": f"class {cfg['forget_class']}", "mislabelled": "5 % mislabelled"}
+    by = {(e["request"], e["method"]): e for e in summary}
+    rows = ["| method | " + " | ".join(f"{label}: test / forget acc gap (pts), AUC gap, time ratio"
+                                       for label in requests.values()) + " |",
+            "|---|" + "---:|" * len(requests)]
+    for m in cfg["methods"]:
+        cells = []
+        for q in requests:
+            e = by.get((q, m))
+            cells.append("—" if e is None else
+                         f"{e['test_acc_gap'] * 100:+.1f} / {e['forget_acc_gap'] * 100:+.1f}, {e['auc_gap']:+.3f}, "
+                         f"{e['time_ratio']:.3f}")
+        rows.append(f"| `{m}` | " + " | ".join(cells) + " |")
+    ref = [by[(q, "mini")] for q in requests if (q, "mini") in by]
     rows.append("")
-    rows.append(f"Mean over seeds {', '.join(map(str, d['seeds']))} with 95 % intervals; gaps are to the retrained model. From "
-                f"`{d['command']}` ([table](experiments/privacy/results/default/table.md)).")
+    rows.append("Retraining's test accuracy / attack AUC: " + "; ".join(
+        f"{requests[e['request']]} {e['retrain_test_acc']:.3f} / {e['retrain_auc']:.3f}" for e in ref)
+        + f". Mean over seeds {', '.join(map(str, ref[0]['seeds']))}, every method tuned on the validation split; "
+        "time ratio = the method's time / retraining's, compilation apart. From `python "
+        "experiments/cnn_benchmark/run.py` ([table and plot](experiments/cnn_benchmark/README.md)).")
     return "\n".join(rows)
 
 
@@ -86,14 +95,24 @@ def stream_table() -> str:
             "(the refresh for the next request included).")
 
 
+def cnn_tables() -> str:
+    """The per-request tables of the benchmark's table.md, under its command and device line."""
+    lines = (CNN / "table.md").read_text().splitlines()
+    head = [line for line in lines if line.startswith(("Command:", "Device:", "Data:"))]
+    start = next(i for i, line in enumerate(lines) if line.startswith("### "))
+    end = next(i for i, line in enumerate(lines) if line.startswith("## Tuning"))
+    return "\n".join(head + [""] + [line.replace("### ", "#### ", 1) for line in lines[start:end]]).rstrip()
+
+
 TABLES = {"methods": methods_table, "convex": convex_table, "network": network_table, "stream": stream_table}
+PAGE_TABLES = {"cnn": cnn_tables}
 
 
-def render(text: str) -> str:
-    for name, make in TABLES.items():
+def render(text: str, tables=TABLES) -> str:
+    for name, make in tables.items():
         pat = re.compile(rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)", re.S)
         if not pat.search(text):
-            raise SystemExit(f"README.md has no <!-- {name}:begin --> ... <!-- {name}:end --> block")
+            raise SystemExit(f"no <!-- {name}:begin --> ... <!-- {name}:end --> block in the page")
         body = make()
         text = pat.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), text)
     return text
@@ -103,14 +122,21 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="exit 1 if README.md's tables differ")
     args = p.parse_args(argv)
-    old = README.read_text()
-    new = render(old)
+    pages = {README: TABLES, RESULTS_PAGE: PAGE_TABLES, CNN.parents[1] / "README.md": PAGE_TABLES}
+    new = {page: render(page.read_text(), tables) for page, tables in pages.items()}
+    plot = (CNN / "gap_vs_time.png").read_bytes()
     if args.check:
-        if new != old:
-            print("README.md's generated tables are stale: run python docs/readme_tables.py", file=sys.stderr)
+        stale = [p.name for p in pages if new[p] != p.read_text()]
+        if not CNN_PLOT.exists() or CNN_PLOT.read_bytes() != plot:
+            stale.append(str(CNN_PLOT.relative_to(ROOT)))
+        if stale:
+            print(f"generated blocks are stale in {', '.join(stale)}: run python docs/readme_tables.py", file=sys.stderr)
             return 1
         return 0
-    README.write_text(new)
+    for page, text in new.items():
+        page.write_text(text)
+    CNN_PLOT.parent.mkdir(exist_ok=True)
+    CNN_PLOT.write_bytes(plot)
     return 0
 
 
