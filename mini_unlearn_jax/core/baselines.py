@@ -282,9 +282,10 @@ def run_scrub(problem: Problem, forget, *, steps: int | None = None, max_steps: 
 # -- SalUn ----------------------------------------------------------------------------------
 
 
-def saliency_mask(objective: Objective, params: Params, x, y, forget_weights, sparsity: float) -> Params:
-    """1 where `|grad L_F(params)|` is at or above its `sparsity` quantile over all weights, else 0."""
-    g = jax.grad(lambda p: objective.data_loss(p, x, y, forget_weights))(params)
+def saliency_mask(objective: Objective, params: Params, x_forget, y_forget, sparsity: float) -> Params:
+    """1 where `|grad L_F(params)|` (the removed rows' mean loss) is at or above its `sparsity`
+    quantile over all weights, else 0."""
+    g = jax.grad(lambda p: objective.data_loss(p, x_forget, y_forget))(params)
     flat = jnp.concatenate([jnp.abs(a).ravel() for a in jax.tree.leaves(g)])
     thr = jnp.quantile(flat, sparsity)
     return jax.tree.map(lambda a: (jnp.abs(a) >= thr).astype(a.dtype), g)
@@ -292,9 +293,9 @@ def saliency_mask(objective: Objective, params: Params, x, y, forget_weights, sp
 
 @functools.partial(jax.jit, static_argnames=("objective", "cfg", "steps", "lr", "sparsity", "num_classes"))
 def _salun(objective: Objective, cfg: TrainConfig, steps: int, lr: float, sparsity: float, num_classes: int,
-           params, x, y, keep, key):
+           params, x, y, keep, x_forget, y_forget, key):
     forget_w = 1.0 - keep
-    mask = saliency_mask(objective, params, x, y, forget_w, sparsity)
+    mask = saliency_mask(objective, params, x_forget, y_forget, sparsity)
     opt = phase_optimizer(cfg, lr)
     kr, kf, kl = jax.random.split(key, 3)
     idx_r = keep_batches(kr, keep, steps, cfg.batch_size)
@@ -328,7 +329,9 @@ def run_salun(problem: Problem, forget, *, steps: int | None = None, lr: float |
     steps = default_steps(cfg) if steps is None else int(steps)
     lr = float(cfg.learning_rate if lr is None else lr)
     num_classes = int(problem.objective.logits(problem.params, problem.x[:1]).shape[-1])
-    dyn = (problem.params, problem.x, problem.y, _keep(problem, forget), jax.random.key(seed + 3))
+    forget = np.asarray(forget)
+    dyn = (problem.params, problem.x, problem.y, _keep(problem, forget), problem.x[forget], problem.y[forget],
+           jax.random.key(seed + 3))
     return _run(problem, _salun, (problem.objective, cfg, steps, lr, float(sparsity), num_classes), dyn, "salun",
                 {"steps": steps, "lr": lr, "sparsity": float(sparsity)})
 
