@@ -308,6 +308,7 @@ def run_protocol(cfg: ProtocolConfig, *, fresh: bool = False, log=print, device:
     todo = [(q, s, m) for s in seeds for q in cfg.requests for m in cfg.methods if (q, s, m) not in done]
     grid_of = lambda m: [dict(g) for g in cfg.grids.get(m, [{}])]
     runs = sum(len(grid_of(m)) if s == cfg.tune_seed else 1 for q, s, m in todo)
+    pending_rows = set(todo)
     pending = {(q, s) for q, s, _ in todo}
     trainings = len(pending) + len({(s, q == "mislabelled") for q, s in pending})  # retrains + originals
     log(f"benchmark: {len(todo)} of {len(seeds) * len(cfg.requests) * len(cfg.methods)} (request, seed, method) "
@@ -325,7 +326,7 @@ def run_protocol(cfg: ProtocolConfig, *, fresh: bool = False, log=print, device:
     originals: dict = {}
     for seed in seeds:
         for request in cfg.requests:
-            methods = [m for m in cfg.methods if (request, seed, m) in {(q, s, mm) for q, s, mm in todo}]
+            methods = [m for m in cfg.methods if (request, seed, m) in pending_rows]
             if not methods:
                 continue
             labels = request_labels(splits, request)
