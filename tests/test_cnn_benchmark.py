@@ -158,6 +158,14 @@ def test_a_foreign_row_store_is_left_alone(tmp_path):
     with pytest.raises(ValueError, match="left as it is"):
         P.run_protocol(cfg, fresh=True, log=lambda m: None)
     assert (tmp_path / "results.jsonl").read_text() == '{"something": "else"}\n'
+    # --fresh deletes the rows and the confidence files they name, nothing else in phi/
+    (tmp_path / "results.jsonl").write_text('{"method": "mini", "request": "class", "seed": 0}\n')
+    (tmp_path / "phi").mkdir()
+    for name in ("class__mini__0.npy", "class__retrain__0.npy", "mine.npy", "class__mini__1.npy"):
+        np.save(tmp_path / "phi" / name, np.zeros(2))
+    P.discard_earlier(tmp_path)
+    assert sorted(p.name for p in (tmp_path / "phi").iterdir()) == ["class__mini__1.npy", "mine.npy"]
+    assert not (tmp_path / "results.jsonl").exists()
 
 
 @pytest.mark.slow

@@ -273,11 +273,27 @@ def _read(path: Path) -> list[dict]:
 
 
 def _check_ours(out: Path) -> None:
-    for name in ("results.jsonl", "tuning.jsonl"):
+    keys = {"results.jsonl": {"method", "request", "seed"}, "tuning.jsonl": {"method", "request", "seed"},
+            "runs.jsonl": {"command", "seconds"}}
+    for name, need in keys.items():
         for row in _read(out / name):
-            if not {"method", "request", "seed"} <= set(row):
+            if not need <= set(row):
                 raise ValueError(f"{out / name} is not this benchmark's row store; it is left as it is: choose "
                                  "another output directory")
+
+
+def discard_earlier(out: Path) -> None:
+    """What ``--fresh`` deletes: the row stores of ``out`` (checked to be this benchmark's) and
+    the confidence files its rows name (``phi/{request}__{method or retrain}__{seed}.npy``);
+    any other file is left alone."""
+    _check_ours(out)
+    names = set()
+    for r in _read(out / "results.jsonl"):
+        names |= {f"{r['request']}__{m}__{r['seed']}.npy" for m in (r["method"], "retrain")}
+    for name in names:
+        (out / "phi" / name).unlink(missing_ok=True)
+    for name in ("results.jsonl", "tuning.jsonl", "runs.jsonl"):
+        (out / name).unlink(missing_ok=True)
 
 
 def run_protocol(cfg: ProtocolConfig, *, fresh: bool = False, log=print, device: str | None = None,
@@ -291,10 +307,7 @@ def run_protocol(cfg: ProtocolConfig, *, fresh: bool = False, log=print, device:
     out.mkdir(parents=True, exist_ok=True)
     _check_ours(out)
     if fresh:
-        for name in ("results.jsonl", "tuning.jsonl", "runs.jsonl"):
-            (out / name).unlink(missing_ok=True)
-        for f in (out / "phi").glob("*.npy") if (out / "phi").exists() else ():
-            f.unlink()
+        discard_earlier(out)
     (out / "phi").mkdir(exist_ok=True)
     device = device or str(jax.devices()[0].platform)
     t_start = time.perf_counter()
