@@ -61,3 +61,24 @@ def test_core_does_not_raise_and_returns_input_on_failure():
     assert not bool(res.converged)
     for a, b in zip(jax.tree.leaves(res.params), jax.tree.leaves(st.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_objectives_of_equal_linen_modules_are_equal_and_share_compiled_programs():
+    """Two objectives made from equal flax.linen modules compare and hash equal (so a program
+    compiled for one, keyed on the objective as a static argument, serves the other); another
+    width or another L2 is another objective."""
+    make = lambda hidden, l2=1e-3: mu.make_objective(mu.build_model("mlp", 3, hidden=hidden), l2)
+    a, b = make(8), make(8)
+    assert a is not b and a == b and hash(a) == hash(b)
+    assert a != make(9) and a != make(8, l2=1e-2)
+    x = jnp.ones((4, 5))
+    params = mu.init_params(mu.build_model("mlp", 3, hidden=8), x[0], 0)
+    traces = []
+
+    def logits(obj, p):
+        traces.append(obj)  # runs once per trace, not per call
+        return obj.logits(p, x)
+
+    f = jax.jit(logits, static_argnums=0)
+    np.testing.assert_array_equal(f(a, params), f(b, params))
+    assert len(traces) == 1  # b reused the program traced for a

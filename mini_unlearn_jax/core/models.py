@@ -263,6 +263,20 @@ class Objective:
         return self.data_loss(params, x, y, weights) + self.penalty(params)
 
 
+@dataclasses.dataclass(frozen=True)
+class LinenApply:
+    """``apply_fn`` of a flax.linen module: ``module.apply({"params": params}, x)``.
+
+    Equal modules give equal (and equally hashed) functions, so two objectives made from the same
+    model are equal and share every compiled program keyed on the objective (another seed of the
+    same model in the grid harness or the benchmark protocol compiles nothing new)."""
+
+    module: nn.Module
+
+    def __call__(self, params: Params, x: Array) -> Array:
+        return self.module.apply({"params": params}, x)
+
+
 def make_objective(model: Any, l2: float, *, example_loss=cross_entropy, l2_mask=kernel_mask,
                    penalize_bias: bool = False, convex: bool = False) -> Objective:
     """Wrap a model into an :class:`Objective`.
@@ -298,8 +312,7 @@ def make_objective(model: Any, l2: float, *, example_loss=cross_entropy, l2_mask
     is_logreg = isinstance(model, LogisticRegression)
 
     if isinstance(model, nn.Module):
-        def apply_fn(params, x):
-            return model.apply({"params": params}, x)
+        apply_fn = LinenApply(model)
     else:  # imported here: the adapters pull in flax.nnx (and equinox for equinox models)
         from .adapters import as_model, model_kind, weight_mask
 

@@ -103,9 +103,9 @@ def run_grid(cfg: GridConfig, *, fresh: bool = False, command: str | None = None
             if cfg.resume and key_of(cell) in {key_of(r) for r in load_rows(out)}:
                 continue  # another worker on the same output directory did it
             if tkey not in current:
-                if current:  # the previous model's compiled programs go with it
-                    current.clear()
-                    aot.clear_compiled()
+                if current and next(iter(current))[:2] != tkey[:2]:
+                    aot.clear_compiled()  # another model: the previous one's programs go (another seed reuses them)
+                current.clear()
                 try:
                     mdl = _train(spec, cell["seed"], log)
                 except DataError as e:
