@@ -19,8 +19,9 @@ def test_snapshot_buffer_keeps_newest_selected_steps(size, every, steps):
     buf = snapshot_buffer(size, every)
     p = {"w": jnp.zeros(3)}
     state = buf.init(p)
+    update = jax.jit(buf.update)  # one compile per example (eagerly, every call traced its cond anew)
     for t in range(steps):
-        state = buf.update(state, t, {"w": jnp.full(3, float(t))}, {"w": jnp.full(3, -float(t))})
+        state = update(state, t, {"w": jnp.full(3, float(t))}, {"w": jnp.full(3, -float(t))})
     selected = [t for t in range(steps) if t % every == 0]
     expect = selected[-size:]
     got = ordered(state)
