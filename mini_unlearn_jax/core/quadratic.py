@@ -58,11 +58,14 @@ minimiser of `M` (from the last step norms), never a bound, and says nothing of 
 The next request (`downdate`) subtracts the removed examples' terms at `w*` (their loss, gradient
 and Hessian, and their count) and refactorises: the new state is the second-order expansion
 around the *original* `w*` of the remaining data's objective. Its statistics stay evaluated at
-the original `w*` and are never re-linearised at the unlearned model; beyond that expansion
-(sums over the remaining examples of their loss, gradient and Hessian at `w*`) it holds nothing
-computed over the removed examples, and nothing of them individually. Its cost is
-`~ r C (C + 1) / 2 (D + 1)^2` multiply-adds for the removed Hessian plus the refactorisation
-(a Cholesky factorisation and a triangular inverse, `~ d^3 / 2`).
+the original `w*` and are never re-linearised at the unlearned model. Its sums run over the
+remaining examples only, but `w*` itself is the original model, trained with the removed
+examples: a downdated state remembers them as well as the original model does. It serves the
+next request in memory; what an unlearned run stores must be the unlearned parameters, never
+this state (re-expanding at the unlearned model would take the pass over the remaining data that
+this method exists to avoid). Its cost is `~ r C (C + 1) / 2 (D + 1)^2` multiply-adds for the
+removed Hessian plus the refactorisation (a Cholesky factorisation and a triangular inverse,
+`~ d^3 / 2`).
 """
 
 from __future__ import annotations
@@ -531,8 +534,9 @@ def _register():
 
     if "mini-exact" not in METHODS:
         register_method("mini-exact", _run, needs=needs, family="convex", paper="",
-                        summary="convex unlearning from a stored quadratic model: Newton-CG on the full-data "
-                                "second-order expansion at w* minus the removed examples' exact loss",
+                        summary="one exact Newton step on the remaining data from a stored d x d model of the "
+                                "full data, reading only the removed rows (logistic regression; never chosen "
+                                "automatically: docs/method.md section 3.7)",
                         cost="one pass over the removed examples and d x d work on the stored factor")
 
 
