@@ -158,6 +158,11 @@ def test_a_foreign_row_store_is_left_alone(tmp_path):
     with pytest.raises(ValueError, match="left as it is"):
         P.run_protocol(cfg, fresh=True, log=lambda m: None)
     assert (tmp_path / "results.jsonl").read_text() == '{"something": "else"}\n'
+    notes = 'my notes, not JSON\n{"method": "mini", "request": "class", "seed": 0}\n'
+    (tmp_path / "results.jsonl").write_text(notes)  # a line that is not a row, even unreadable, is not ours
+    with pytest.raises(ValueError, match="left as it is"):
+        P.run_protocol(cfg, fresh=True, log=lambda m: None)
+    assert (tmp_path / "results.jsonl").read_text() == notes
     # --fresh deletes the rows and the confidence files they name, nothing else in phi/
     (tmp_path / "results.jsonl").write_text('{"method": "mini", "request": "class", "seed": 0}\n')
     (tmp_path / "phi").mkdir()

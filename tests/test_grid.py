@@ -399,3 +399,24 @@ def test_the_retrain_line_reads_only_rows_measured_against_the_shared_retrain(tm
         assert line == f"| retrain | {fmt.format(by['finetune'][key])} |"
     # the two references differ here, so a line that mixed them in would show their mean instead
     assert by["deltagrad"]["retrain_test_acc"] != by["finetune"]["retrain_test_acc"]
+
+
+def test_row_store_helpers_keep_whole_rows_after_a_cut_line(tmp_path):
+    """The JSON-lines helpers the grid and the benchmark protocol share: a row appended after an
+    interrupted write stays whole; the cut line is skipped when read, tolerated as the last line by
+    the ownership check, refused anywhere else, as is a line that is not a row."""
+    from mini_unlearn_jax.app.harness.config import append_row, check_row_store, read_rows
+
+    path = tmp_path / "rows.jsonl"
+    is_row = lambda r: "a" in r
+    assert read_rows(path) == [] and check_row_store(path, is_row) is None  # no file: nothing to refuse
+    append_row(path, {"a": 1})
+    path.write_text(path.read_text() + '{"a": 2, "b"')  # an interruption cut the second row
+    check_row_store(path, is_row)  # a cut last line is ours
+    append_row(path, {"a": 3})
+    assert read_rows(path) == [{"a": 1}, {"a": 3}]
+    with pytest.raises(ValueError, match="line 2"):
+        check_row_store(path, is_row)  # the cut line is no longer the last: nothing proves it is ours
+    path.write_text('{"a": 1}\n{"z": 0}\n')
+    with pytest.raises(ValueError, match="left as it is"):
+        check_row_store(path, is_row)

@@ -223,19 +223,66 @@ def parse_method(label: str) -> tuple[str, dict]:
 # -- rows on disk ---------------------------------------------------------------------------
 
 
-def _check_ours(path: Path) -> None:
-    """Raise unless every complete line of ``path`` is a grid row (JSON with the cell's keys)."""
+def read_rows(path: str | Path) -> list[dict]:
+    """The JSON rows of the JSON-lines file ``path``, in order (``[]`` when it does not exist); a
+    line that is not JSON (cut by an interruption) is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def append_row(path: str | Path, row: dict) -> None:
+    """Append ``row`` to ``path`` as one JSON line, after ending a last line an interruption cut
+    (so the cut line stays one unreadable line and the new row stays whole)."""
+    end_cut_line(path)
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=float) + "\n")
+
+
+def end_cut_line(path: str | Path) -> None:
+    """End the last line of ``path`` with a newline if an interrupted write left it without one."""
+    path = Path(path)
+    if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+        with open(path, "a") as f:
+            f.write("\n")
+
+
+def check_row_store(path: str | Path, is_row, what: str = "a row store of this harness") -> None:
+    """Raise ValueError unless every line of ``path`` is a JSON object that ``is_row`` accepts (a
+    last line cut by an interruption aside): ``--fresh`` deletes only files this tool wrote."""
+    path = Path(path)
+    if not path.exists():
+        return
     lines = path.read_text().splitlines()
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            key_of(json.loads(line))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            row = json.loads(line)
+            ok = isinstance(row, dict) and bool(is_row(row))
+        except json.JSONDecodeError:
             if i == len(lines) - 1:
-                continue  # a last line cut by an interruption (load_rows skips it too)
-            raise ValueError(f"{path} is not a row store of this harness (line {i + 1} is not a grid row); "
-                             "it is left as it is: choose another output directory") from None
+                continue  # a last line cut by an interruption (read_rows skips it too)
+            ok = False
+        if not ok:
+            raise ValueError(f"{path} is not {what} (line {i + 1} is not one of its rows); it is left as it is: "
+                             "choose another output directory")
+
+
+def _is_grid_row(row: dict) -> bool:
+    try:
+        key_of(row)
+    except (KeyError, TypeError, ValueError):
+        return False
+    return True
 
 
 def key_of(row: dict) -> tuple:
@@ -244,18 +291,10 @@ def key_of(row: dict) -> tuple:
 
 def load_rows(out: str | Path) -> list[dict]:
     """The rows of ``out/results.jsonl``, the last one of each cell (a line cut by an interruption is dropped)."""
-    path = Path(out) / "results.jsonl"
-    if not path.exists():
-        return []
     rows: dict = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by an interruption: that cell reruns
-                continue
-            rows.pop(key_of(row), None)
-            rows[key_of(row)] = row
+    for row in read_rows(Path(out) / "results.jsonl"):
+        rows.pop(key_of(row), None)
+        rows[key_of(row)] = row
     return list(rows.values())
 
 

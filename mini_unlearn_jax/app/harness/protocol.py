@@ -43,7 +43,6 @@ that ran something adds its whole time to ``runs.jsonl``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -62,6 +61,7 @@ from ...core.unlearning import make_problem
 from ...evaluation import metrics as mt
 from ...evaluation.attacks import logit_confidence, population_attack
 from ..data import Dataset, load_dataset
+from .config import append_row, check_row_store, read_rows
 
 REQUESTS = ("random10", "class", "mislabelled")
 _TRAINING_WEIGHT = 6.0  # a training costs about this many method runs (each at most 0.2 of it, plus evaluation)
@@ -255,31 +255,13 @@ def _label(options: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(options.items())) or "defaults"
 
 
-def _append(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row, default=float) + "\n")
-
-
-def _read(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by an interruption: that run reruns
-            continue
-    return rows
+_ROW_KEYS = {"results.jsonl": {"method", "request", "seed"}, "tuning.jsonl": {"method", "request", "seed"},
+             "runs.jsonl": {"command", "seconds"}}
 
 
 def _check_ours(out: Path) -> None:
-    keys = {"results.jsonl": {"method", "request", "seed"}, "tuning.jsonl": {"method", "request", "seed"},
-            "runs.jsonl": {"command", "seconds"}}
-    for name, need in keys.items():
-        for row in _read(out / name):
-            if not need <= set(row):
-                raise ValueError(f"{out / name} is not this benchmark's row store; it is left as it is: choose "
-                                 "another output directory")
+    for name, need in _ROW_KEYS.items():
+        check_row_store(out / name, lambda row, need=need: need <= set(row), "this benchmark's row store")
 
 
 def discard_earlier(out: Path) -> None:
@@ -288,7 +270,7 @@ def discard_earlier(out: Path) -> None:
     any other file is left alone."""
     _check_ours(out)
     names = set()
-    for r in _read(out / "results.jsonl"):
+    for r in read_rows(out / "results.jsonl"):
         names |= {f"{r['request']}__{m}__{r['seed']}.npy" for m in (r["method"], "retrain")}
     for name in names:
         (out / "phi" / name).unlink(missing_ok=True)
@@ -314,9 +296,9 @@ def run_protocol(cfg: ProtocolConfig, *, fresh: bool = False, log=print, device:
     ds = load_dataset(cfg.data)
     splits = make_splits(ds, cfg)
     seeds = (cfg.tune_seed, *[s for s in cfg.seeds if s != cfg.tune_seed])
-    done = {(r["request"], int(r["seed"]), r["method"]) for r in _read(out / "results.jsonl")}
+    done = {(r["request"], int(r["seed"]), r["method"]) for r in read_rows(out / "results.jsonl")}
     tuned = {}
-    for r in _read(out / "tuning.jsonl"):
+    for r in read_rows(out / "tuning.jsonl"):
         tuned.setdefault((r["request"], r["method"]), {})[r["options_label"]] = r
     todo = [(q, s, m) for s in seeds for q in cfg.requests for m in cfg.methods if (q, s, m) not in done]
     grid_of = lambda m: [dict(g) for g in cfg.grids.get(m, [{}])]
@@ -371,7 +353,7 @@ def run_protocol(cfg: ProtocolConfig, *, fresh: bool = False, log=print, device:
                         row = {"method": name, "request": request, "seed": seed, "options": options,
                                "options_label": _label(options), "score": score, "converged": bool(res.converged),
                                "time_s": res.time_s, "retrain_time_s": ref.time_s}
-                        _append(out / "tuning.jsonl", row)
+                        append_row(out / "tuning.jsonl", row)
                         tuned.setdefault((request, name), {})[row["options_label"]] = row
                         tick(f"tune {request} {name} {row['options_label']}: score {score:.4f}")
                         if best is None or score < best[0]:
@@ -402,13 +384,13 @@ def run_protocol(cfg: ProtocolConfig, *, fresh: bool = False, log=print, device:
                        "within_budget": bool(res.time_s <= cfg.budget * ref.time_s),
                        "n_train": len(x), "n_forget": int(len(forget)), "n_val": len(splits.y_val),
                        "n_test": len(splits.y_test), "device": device, "info": _jsonable(res.info)}
-                _append(out / "results.jsonl", row)
-    rows = _read(out / "results.jsonl")
+                append_row(out / "results.jsonl", row)
+    rows = read_rows(out / "results.jsonl")
     total = time.perf_counter() - t_start
     if todo:  # an invocation that ran something: its whole time, for the report
-        _append(out / "runs.jsonl", {"command": command, "seconds": total, "rows_run": len(todo),
+        append_row(out / "runs.jsonl", {"command": command, "seconds": total, "rows_run": len(todo),
                                      "device": device, "machine": machine_info()})
-    write_report(cfg, rows, _read(out / "tuning.jsonl"), _read(out / "runs.jsonl"), out, command=command)
+    write_report(cfg, rows, read_rows(out / "tuning.jsonl"), read_rows(out / "runs.jsonl"), out, command=command)
     log(f"benchmark: done in {total / 60:.1f} min; report in {out / 'table.md'}")
     return rows
 

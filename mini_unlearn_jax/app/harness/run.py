@@ -19,9 +19,11 @@ from ..data import DataError
 from .cells import _Cells, _train
 from .config import (
     GridConfig,
-    _check_ours,
     _from_fidelity_row,
+    _is_grid_row,
     _previous_fidelity,
+    check_row_store,
+    end_cut_line,
     key_of,
     load_rows,
 )
@@ -54,7 +56,7 @@ def run_grid(cfg: GridConfig, *, fresh: bool = False, command: str | None = None
     out.mkdir(parents=True, exist_ok=True)
     sink_path = out / "results.jsonl"
     if fresh and sink_path.exists():
-        _check_ours(sink_path)  # --fresh deletes only a row store this harness wrote
+        check_row_store(sink_path, _is_grid_row)  # --fresh deletes only a row store this harness wrote
         sink_path.unlink()
     runs, models = _previous_fidelity(out) if cfg.report == "fidelity" and not fresh else ([], {})
     if cfg.report == "fidelity" and not sink_path.exists() and not fresh and (out / "results.json").exists():
@@ -78,9 +80,7 @@ def run_grid(cfg: GridConfig, *, fresh: bool = False, command: str | None = None
     runs.append(run)
     incremental = cfg.report == "fidelity"  # cheap reports: rewritten after every cell
 
-    if sink_path.exists() and sink_path.stat().st_size and not sink_path.read_bytes().endswith(b"\n"):
-        with open(sink_path, "a") as f:  # an interrupted write left half a line: close it off
-            f.write("\n")
+    end_cut_line(sink_path)
     with open(sink_path, "a") as sink:
 
         def emit(row: dict) -> None:
