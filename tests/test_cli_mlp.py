@@ -1,10 +1,11 @@
-"""The command line on an MLP: `train --model mlp` keeps a trajectory buffer, and `unlearn
---method mini` runs trajectory unlearning on it (issue 10), end to end."""
+"""The command line on a network: `train --model mlp` (or `cnn`) keeps a trajectory buffer, and
+`unlearn --method mini` runs trajectory unlearning on it, end to end."""
 
 from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -148,3 +149,25 @@ def test_unlearn_budget_bad_uses_are_refused_before_loading(trained, logreg_run,
     assert cli.main(["unlearn", "--run", str(run), "--ratio", "0.1", *argv, "--out", str(out)]) == 1
     assert message in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())  # nothing written
+
+
+def test_the_cnn_trains_and_is_unlearned_along_its_trajectory_from_the_command_line(tmp_path, capsys):
+    """`train --model cnn` (the benchmark's residual CNN, on 8 x 8 images here) keeps a trajectory
+    buffer and one gradient snapshot, reloads as a CLI run, and `unlearn` runs trajectory
+    unlearning on it; tabular rows are refused with what to use instead."""
+    spec = "synthetic:n=300,n_test=200,d=64,classes=3,seed=1,sep=0.5"
+    run = tmp_path / "cnn"
+    assert cli.main(["train", "--data", spec, "--model", "cnn", "--l2", "0", "--steps", "60",
+                     "--out", str(run)]) == 0
+    loaded = load_run(run)
+    assert loaded.meta["model"] == "cnn" and loaded.meta["train_config"]["lr_schedule"] == "cosine"
+    assert loaded.meta["train_config"]["snapshots"] == 1 and loaded.trajectory is not None
+    assert sum(a.size for a in jax.tree.leaves(loaded.params)) == loaded.meta["param_count"]
+    code, rep = _json(capsys, ["unlearn", "--run", str(run), "--ratio", "0.1", "--out", str(tmp_path / "u"), "--json"])
+    assert code == 0 and rep["converged"], rep["reason"]
+    assert rep["method"] == "mini" and rep["details"]["solver"] == "trajectory" and rep["convex"] is False
+    assert load_run(tmp_path / "u").meta["model"] == "cnn"
+    capsys.readouterr()
+    assert cli.main(["train", "--data", "synthetic:n=100,d=10,classes=2", "--model", "cnn",
+                     "--out", str(tmp_path / "tab")]) == cli.EXIT_BAD_INPUT
+    assert "for tabular data use logreg or mlp" in capsys.readouterr().err and not (tmp_path / "tab").exists()

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..core import linalg as cv
-from ..core.models import Objective, build_model, init_params, make_objective
+from ..core.models import BUILTIN_MODELS, Objective, build_model, init_params, make_objective
 from ..core.snapshots import TrajectoryState, snapshot_buffer
 from ..core.training import TrainConfig, make_optimizer
 from .atomic import has_run_files, recover, write_dir_atomic
@@ -50,9 +50,6 @@ from .markers import CheckpointError, read_marker
 from .tombstone import RETIRED_KIND, retired_error
 
 FORMAT_VERSION = 1
-
-
-BUILTIN_MODELS = ("logreg", "mlp")
 
 
 class Run(NamedTuple):

@@ -57,8 +57,8 @@ def unread_test_indices(n_test: int, val_indices) -> np.ndarray:
 
 
 def keeps_trajectory(model: str, cfg: TrainConfig) -> bool:
-    """The CLI's rule, which the harness shares: non-convex mini-batch training (an MLP under Adam
-    or SGD with a batch size) keeps a trajectory buffer, so that ``mini`` is trajectory unlearning;
+    """The CLI's rule, which the harness shares: non-convex mini-batch training (an MLP or the CNN
+    under Adam or SGD with a batch size) keeps a trajectory buffer, so that ``mini`` is trajectory unlearning;
     logistic regression and full-batch or L-BFGS recipes do not."""
     return model != "logreg" and cfg.batch_size is not None and cfg.optimizer != "lbfgs"
 

@@ -151,7 +151,8 @@ class ResidualCNN(nn.Module):
         d = x.size // x.shape[0]
         side = int(round(d ** 0.5))
         if side * side != d:
-            raise ValueError(f"ResidualCNN takes square single-channel images; got rows of {d} values")
+            raise ValueError(f"ResidualCNN takes square single-channel images; got rows of {d} values, which is not "
+                             "a square number: for tabular data use logreg or mlp")
         x = x.reshape((x.shape[0], side, side, 1))
         x = nn.relu(PatchConv(self.width, strides=2)(x))
         x = ResidualBlock(self.width)(x)
@@ -352,6 +353,10 @@ def center_softmax_bias(params: Params) -> Params:
     return {**params, "Dense_0": {**dense, "bias": dense["bias"] - jnp.mean(dense["bias"])}}
 
 
+#: The models :func:`build_model` builds by name (the CLI's ``train --model`` choices).
+BUILTIN_MODELS = ("logreg", "mlp", "cnn")
+
+
 def build_model(name: str, num_classes: int, *, hidden: int = 256) -> nn.Module:
     """Model by CLI name: ``logreg``, ``mlp`` (``hidden`` units) or ``cnn`` (:class:`ResidualCNN`
     of width 16, for square images; ``hidden`` does not apply)."""
@@ -363,7 +368,7 @@ def build_model(name: str, num_classes: int, *, hidden: int = 256) -> nn.Module:
         return MLP(num_classes=num_classes, hidden=hidden)
     if name == "cnn":
         return ResidualCNN(num_classes=num_classes)
-    raise ValueError(f"unknown model {name!r}: choose 'logreg', 'mlp' or 'cnn'")
+    raise ValueError(f"unknown model {name!r}: choose one of {', '.join(BUILTIN_MODELS)}")
 
 
 def init_params(model: nn.Module, x_example: Array, seed: int, dtype=None) -> Params:

@@ -84,9 +84,18 @@ class TrainConfig:
 
 
 def default_config(model: str, n_train: int, seed: int = 0) -> TrainConfig:
-    """The recipe the CLI uses: L-BFGS to convergence for logreg, Adam mini-batches for the MLP."""
+    """The recipe the CLI uses: L-BFGS to convergence for logreg, Adam mini-batches for the MLP,
+    and for the CNN the recipe of experiments/cnn_benchmark/config.toml (Adam at 2e-3 with cosine
+    decay, batches of 128, 20 epochs). A network is unlearned along its trajectory, which reads no
+    full-data gradient, so the CNN's gradient snapshot buffer holds one entry (one full-data pass,
+    at the first step) where the MLP's holds eight."""
     if model == "logreg":
         return TrainConfig(optimizer="lbfgs", steps=1000, tol=1e-5, seed=seed, snapshots=8)
+    if model == "cnn":
+        batch = min(128, n_train)
+        steps = 20 * max(1, -(-n_train // batch))
+        return TrainConfig(optimizer="adam", learning_rate=2e-3, lr_schedule="cosine", steps=steps, batch_size=batch,
+                           tol=0.0, seed=seed, snapshots=1, snapshot_every=steps, chunk=max(1, min(500, steps)))
     batch = min(256, n_train)
     epochs = 30
     steps = epochs * max(1, -(-n_train // batch))

@@ -1,6 +1,6 @@
 """The ``mini-unlearn`` command line: train, unlearn, info, attack, audit.
 
-    mini-unlearn train --data SPEC --model {logreg,mlp} [--l2 FLOAT] [--penalize-bias] [--hidden INT] [--seed INT]
+    mini-unlearn train --data SPEC --model {logreg,mlp,cnn} [--l2 FLOAT] [--penalize-bias] [--hidden INT] [--seed INT]
                        [--heldout N] --out RUN_DIR
     mini-unlearn unlearn --run RUN_DIR [--method mini] (--ratio FLOAT | --forget FILE) [--seed INT] [--budget F]
                          [--compare-retrain] [--mia] [--certify] --out OUT_DIR [--export-probs FILE.npz]

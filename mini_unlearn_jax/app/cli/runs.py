@@ -31,8 +31,8 @@ def cmd_info(args) -> int:
             "steps_run", "final_grad_norm", "train_acc", "test_acc", "n_test", "param_count", "snapshot_buffer_bytes",
             "curvature_stats_bytes"]
     for k in keys:
-        if k == "hidden" and meta.get("model") == "logreg":
-            continue  # a logistic model has no hidden layer
+        if k == "hidden" and meta.get("model") != "mlp":
+            continue  # only the MLP has a hidden width
         if meta.get(k) is not None:
             print(f"{k:24s} {meta[k]}")
     ledger = meta.get("ledger", [])

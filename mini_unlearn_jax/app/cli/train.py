@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...core.models import BUILTIN_MODELS
 from ..runtime import process_wall_s
 from .common import (
     HelpFormatter,
@@ -48,8 +49,8 @@ def cmd_train(args) -> int:
     val_indices = None
     if args.heldout is not None:
         if not with_trajectory:
-            raise UsageError("--heldout sets the held-out split of a trajectory run (an MLP trained with a mini-batch "
-                             "optimizer); this run keeps no trajectory buffer and reads no test images. Drop --heldout.")
+            raise UsageError("--heldout sets the held-out split of a trajectory run (an MLP or CNN trained with a "
+                             "mini-batch optimizer); this run keeps no trajectory buffer and reads no test images. Drop --heldout.")
         n_test = len(ds.y_test)
         if not 2 <= args.heldout <= n_test // 2:
             raise UsageError(f"--heldout must lie in [2, {n_test // 2}] (at most half of the {n_test} test images, so "
@@ -116,12 +117,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model and save a run directory", formatter_class=HelpFormatter)
     t.add_argument("--data", required=True, help="fashion_mnist[:n_train=N,n_test=M] | mnist5k | digits | breast_cancer "
                    "| covtype | npz:PATH | synthetic[:n=,n_test=,d=,classes=,seed=,sep=] | tfds:NAME[:TRAIN;TEST]")
-    t.add_argument("--model", required=True, choices=["logreg", "mlp"], help="model family")
+    t.add_argument("--model", required=True, choices=list(BUILTIN_MODELS),
+                   help="model family (cnn: the residual CNN of experiments/cnn_benchmark, for square images)")
     t.add_argument("--l2", type=float, default=1e-3, help="L2 penalty on the weights (bias not penalised)")
     t.add_argument("--penalize-bias", action="store_true",
                    help="put the L2 penalty on every parameter, biases too: logistic regression is then "
                         "l2-strongly convex, and `unlearn --certify` gives a guaranteed error bound")
-    t.add_argument("--hidden", type=int, default=256, help="hidden width of the MLP (ignored for logreg)")
+    t.add_argument("--hidden", type=int, default=256, help="hidden width of the MLP (ignored for logreg and cnn)")
     t.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batch order")
     t.add_argument("--out", required=True, help="new (or empty) run directory to write")
     t.add_argument("--steps", type=int, help="override the recipe's number of steps")
@@ -130,7 +132,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--optimizer", choices=["lbfgs", "adam", "sgd"], help="override the recipe's optimizer")
     t.add_argument("--snapshots", type=int, help="override the snapshot buffer size K")
     t.add_argument("--heldout", type=int, metavar="N",
-                   help="MLP (trajectory) runs: hold out N test images for the rewind rule and the calibration "
+                   help="trajectory runs (MLP, CNN): hold out N test images for the rewind rule and the calibration "
                         "(default 500; they are left out of every test metric and never MIA non-members). The "
                         "rule's noise falls as 1/sqrt(N): ~0.013 at 500, as large as its threshold 0.01")
     return t

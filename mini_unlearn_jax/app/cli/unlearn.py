@@ -106,7 +106,7 @@ def cmd_unlearn(args) -> int:
         check_retirable(run_dir)
     if args.budget is not None and not meta0.get("trajectory"):
         raise UsageError("--budget sets trajectory unlearning's retraining budget, and this run keeps no "
-                         "trajectory buffer (only `train --model mlp` with a mini-batch optimizer does), so "
+                         "trajectory buffer (only `train --model mlp` or `cnn` with a mini-batch optimizer does), so "
                          f"--method {args.method} is not trajectory unlearning here. Drop --budget.")
 
     from ...core.snapshots import nbytes
@@ -278,7 +278,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     u.add_argument("--forget", help="file of training indices to remove: .npy integer array, or text with one per line")
     u.add_argument("--seed", type=int, default=0, help="seed of the --ratio draw and of the MIA subsampling")
     u.add_argument("--budget", type=float, metavar="F",
-                   help="trajectory runs (MLPs): retrain for this fraction of the training recipe's steps "
+                   help="trajectory runs (MLP, CNN): retrain for this fraction of the training recipe's steps "
                         "(default: TrajectoryConfig.budget, docs/cli.md; a short recipe may need more to match "
                         "retraining's accuracy, at that much more time)")
     u.add_argument("--compare-retrain", action="store_true",
