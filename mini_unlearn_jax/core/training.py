@@ -87,8 +87,9 @@ def default_config(model: str, n_train: int, seed: int = 0) -> TrainConfig:
     """The recipe the CLI uses: L-BFGS to convergence for logreg, Adam mini-batches for the MLP,
     and for the CNN the recipe of experiments/cnn_benchmark/config.toml (Adam at 2e-3 with cosine
     decay, batches of 128, 20 epochs). A network is unlearned along its trajectory, which reads no
-    full-data gradient, so the CNN's gradient snapshot buffer holds one entry (one full-data pass,
-    at the first step) where the MLP's holds eight."""
+    full-data gradient, so the CNN's gradient snapshot buffer holds one entry, the trained model's
+    (two full-data gradient passes in all: step 0's, which the final one replaces), where the
+    MLP's holds eight."""
     if model == "logreg":
         return TrainConfig(optimizer="lbfgs", steps=1000, tol=1e-5, seed=seed, snapshots=8)
     if model == "cnn":
