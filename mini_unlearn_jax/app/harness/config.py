@@ -250,9 +250,12 @@ def append_row(path: str | Path, row: dict) -> None:
 def end_cut_line(path: str | Path) -> None:
     """End the last line of ``path`` with a newline if an interrupted write left it without one."""
     path = Path(path)
-    if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
-        with open(path, "a") as f:
-            f.write("\n")
+    if not path.exists() or not path.stat().st_size:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, 2)
+        if f.read(1) != b"\n":
+            f.write(b"\n")
 
 
 def check_row_store(path: str | Path, is_row, what: str = "a row store of this harness") -> None:
