@@ -82,3 +82,29 @@ def test_objectives_of_equal_linen_modules_are_equal_and_share_compiled_programs
     f = jax.jit(logits, static_argnums=0)
     np.testing.assert_array_equal(f(a, params), f(b, params))
     assert len(traces) == 1  # b reused the program traced for a
+
+
+def test_a_linen_module_with_unhashable_attributes_still_makes_a_usable_objective():
+    """flax cannot hash a module holding a list (layer widths, say): its objective is compared by
+    the module's identity, and the library's compiled programs, keyed on the objective, still run."""
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        widths: list
+
+        @nn.compact
+        def __call__(self, x):
+            for w in self.widths:
+                x = nn.relu(nn.Dense(w)(x))
+            return nn.Dense(3)(x)
+
+    module = Net([8, 8])
+    a, b = mu.make_objective(module, 1e-3), mu.make_objective(module, 1e-3)
+    assert a == b and hash(a) == hash(b)  # the same module object
+    assert a != mu.make_objective(Net([8, 8]), 1e-3)  # another one, which flax cannot compare by value
+    ds = synthetic(n=60, d=5, classes=3, seed=0)
+    params0 = mu.init_params(module, ds.x_train[0], 0)
+    cfg = mu.TrainConfig(optimizer="adam", learning_rate=1e-2, steps=5, batch_size=20, snapshots=0)
+    state = mu.Trainer(a, cfg).fit(params0, ds.x_train, ds.y_train)
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(state.params))
+    assert int(state.step) == 5

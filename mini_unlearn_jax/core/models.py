@@ -264,18 +264,34 @@ class Objective:
         return self.data_loss(params, x, y, weights) + self.penalty(params)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class LinenApply:
     """``apply_fn`` of a flax.linen module: ``module.apply({"params": params}, x)``.
 
-    Equal modules give equal (and equally hashed) functions, so two objectives made from the same
-    model are equal and share every compiled program keyed on the objective (another seed of the
-    same model in the grid harness or the benchmark protocol compiles nothing new)."""
+    Equal hashable modules give equal (and equally hashed) functions, so two objectives made from
+    the same model are equal and share every compiled program keyed on the objective (another seed
+    of the same model in the grid harness or the benchmark protocol compiles nothing new). A module
+    with an unhashable attribute (a list of layer widths, say) is compared by identity instead."""
 
     module: nn.Module
 
     def __call__(self, params: Params, x: Array) -> Array:
         return self.module.apply({"params": params}, x)
+
+    def _key(self):
+        try:
+            hash(self.module)
+        except TypeError:  # flax cannot hash a module holding a list or a dict
+            return id(self.module)
+        return self.module
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, LinenApply):
+            return NotImplemented
+        return self.module is other.module or self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
 
 
 def make_objective(model: Any, l2: float, *, example_loss=cross_entropy, l2_mask=kernel_mask,
