@@ -59,7 +59,7 @@ from ...core.snapshots import log_schedule, trajectory_buffer
 from ...core.training import TrainConfig, Trainer
 from ...core.unlearning import make_problem
 from ...evaluation import metrics as mt
-from ...evaluation.attacks import logit_confidence, population_attack
+from ...evaluation.attacks import logit_confidence, loss_score, population_attack
 from ..data import Dataset, load_dataset
 from .config import append_row, check_row_store, read_rows
 
@@ -193,11 +193,6 @@ def request_labels(splits: Splits, request: str) -> np.ndarray:
 # -- metrics --------------------------------------------------------------------------------
 
 
-def _losses(objective: Objective, params, x, y) -> np.ndarray:
-    lp = mt.log_probs(objective, params, x)
-    return -lp[np.arange(len(y)), np.asarray(y)]
-
-
 def model_metrics(objective: Objective, params, x, y, forget, x_other, y_other, *, seed: int = 0) -> dict | None:
     """``retain_acc``, ``forget_acc``, ``other_acc`` (on ``x_other``: the test set, or the
     validation split when tuning) and the population attack, forget set against ``x_other``
@@ -210,8 +205,7 @@ def model_metrics(objective: Objective, params, x, y, forget, x_other, y_other, 
         return None
     out = {"retain_acc": mt.accuracy(mt.predict_probs(objective, params, x[keep]), y[keep]),
            "forget_acc": mt.accuracy(p_f, y[forget]), "other_acc": mt.accuracy(p_o, y_other)}
-    nll = lambda p, t: -np.log(np.clip(p[np.arange(len(t)), t], 1e-30, 1.0))
-    mia = population_attack(nll(p_f, y[forget]), nll(p_o, y_other), seed=seed)
+    mia = population_attack(-loss_score(p_f, y[forget]), -loss_score(p_o, y_other), seed=seed)
     return out | {"auc": mia["auc"], "mia_accuracy": mia["accuracy"], "indiscernibility": mia["indiscernibility"]}
 
 
@@ -287,9 +281,10 @@ def run_protocol(cfg: ProtocolConfig, *, fresh: bool = False, log=print, device:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    _check_ours(out)
     if fresh:
-        discard_earlier(out)
+        discard_earlier(out)  # checks the row stores are this benchmark's first
+    else:
+        _check_ours(out)  # a foreign row store would get this benchmark's rows appended
     (out / "phi").mkdir(exist_ok=True)
     device = device or str(jax.devices()[0].platform)
     t_start = time.perf_counter()
@@ -389,7 +384,7 @@ def run_protocol(cfg: ProtocolConfig, *, fresh: bool = False, log=print, device:
     total = time.perf_counter() - t_start
     if todo:  # an invocation that ran something: its whole time, for the report
         append_row(out / "runs.jsonl", {"command": command, "seconds": total, "rows_run": len(todo),
-                                     "device": device, "machine": machine_info()})
+                                        "device": device, "machine": machine_info()})
     write_report(cfg, rows, read_rows(out / "tuning.jsonl"), read_rows(out / "runs.jsonl"), out, command=command)
     log(f"benchmark: done in {total / 60:.1f} min; report in {out / 'table.md'}")
     return rows

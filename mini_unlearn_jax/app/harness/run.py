@@ -22,8 +22,8 @@ from .config import (
     _from_fidelity_row,
     _is_grid_row,
     _previous_fidelity,
+    append_row,
     check_row_store,
-    end_cut_line,
     key_of,
     load_rows,
 )
@@ -80,52 +80,48 @@ def run_grid(cfg: GridConfig, *, fresh: bool = False, command: str | None = None
     runs.append(run)
     incremental = cfg.report == "fidelity"  # cheap reports: rewritten after every cell
 
-    end_cut_line(sink_path)
-    with open(sink_path, "a") as sink:
+    def emit(row: dict) -> None:
+        append_row(sink_path, row)
+        rows.pop(key_of(row), None)
+        rows[key_of(row)] = row
+        run["wall_s"] = time.perf_counter() - t0
+        if incremental:
+            write_reports(cfg, list(rows.values()), command=command, runs=runs, models=models)
 
-        def emit(row: dict) -> None:
-            sink.write(json.dumps(row, default=float) + "\n")
-            sink.flush()
-            rows.pop(key_of(row), None)
-            rows[key_of(row)] = row
-            run["wall_s"] = time.perf_counter() - t0
-            if incremental:
-                write_reports(cfg, list(rows.values()), command=command, runs=runs, models=models)
-
-        current: dict = {}
-        skipped: set = set()
-        finished = 0
-        for cell in todo:
-            spec = next(m for m in cfg.models if m["data"] == cell["data"] and m["model"] == cell["model"])
-            tkey = (cell["data"], cell["model"], cell["seed"])
-            if cell["data"] in skipped:
+    model_cells, trained = None, None  # the trained model's cells (one in memory at a time), its (data, model, seed)
+    skipped: set = set()
+    finished = 0
+    for cell in todo:
+        spec = next(m for m in cfg.models if m["data"] == cell["data"] and m["model"] == cell["model"])
+        tkey = (cell["data"], cell["model"], cell["seed"])
+        if cell["data"] in skipped:
+            continue
+        if cfg.resume and key_of(cell) in {key_of(r) for r in load_rows(out)}:
+            continue  # another worker on the same output directory did it
+        if tkey != trained:
+            if trained is not None and trained[:2] != tkey[:2]:
+                aot.clear_compiled()  # another model: the previous one's programs go (another seed reuses them)
+            model_cells, trained = None, None
+            try:
+                mdl = _train(spec, cell["seed"], log)
+            except DataError as e:
+                log(f"grid: skipping {cell['data']}: {e}")
+                skipped.add(cell["data"])
                 continue
-            if cfg.resume and key_of(cell) in {key_of(r) for r in load_rows(out)}:
-                continue  # another worker on the same output directory did it
-            if tkey not in current:
-                if current and next(iter(current))[:2] != tkey[:2]:
-                    aot.clear_compiled()  # another model: the previous one's programs go (another seed reuses them)
-                current.clear()
-                try:
-                    mdl = _train(spec, cell["seed"], log)
-                except DataError as e:
-                    log(f"grid: skipping {cell['data']}: {e}")
-                    skipped.add(cell["data"])
-                    continue
-                current = {tkey: _Cells(mdl, cfg, emit, log)}  # one trained model in memory at a time
-                rec = mdl.record
-                models[f"{rec['model']}:{rec['n_train']}:{rec['seed']}"] = rec
-            row = current[tkey].run(cell)
-            emit(row)
-            finished += 1
-            elapsed = time.perf_counter() - t0
-            eta = elapsed / finished * (len(todo) - finished)
-            bar = "#" * int(30 * finished / len(todo))
-            res = (f"kl_ratio {row['kl_ratio']:.3g} time_ratio {row['time_ratio']:.3g}" if "kl_ratio" in row
-                   else row["reason"])
-            log(f"[{bar:<30}] {finished}/{len(todo)}  {elapsed / 60:5.1f} min, ETA {eta / 60:5.1f} min  "
-                f"{cell['model']} {cell['ratio']} seed {cell['seed']} {cell['method']}: {res}"
-                + ("" if row["converged"] or "kl_ratio" not in row else f" ({row['reason']})"))
+            model_cells, trained = _Cells(mdl, cfg, emit, log), tkey
+            rec = mdl.record
+            models[f"{rec['model']}:{rec['n_train']}:{rec['seed']}"] = rec
+        row = model_cells.run(cell)
+        emit(row)
+        finished += 1
+        elapsed = time.perf_counter() - t0
+        eta = elapsed / finished * (len(todo) - finished)
+        bar = "#" * int(30 * finished / len(todo))
+        res = (f"kl_ratio {row['kl_ratio']:.3g} time_ratio {row['time_ratio']:.3g}" if "kl_ratio" in row
+               else row["reason"])
+        log(f"[{bar:<30}] {finished}/{len(todo)}  {elapsed / 60:5.1f} min, ETA {eta / 60:5.1f} min  "
+            f"{cell['model']} {cell['ratio']} seed {cell['seed']} {cell['method']}: {res}"
+            + ("" if row["converged"] or "kl_ratio" not in row else f" ({row['reason']})"))
     run["finished"], run["wall_s"] = True, time.perf_counter() - t0
     end = library_version()
     if end.get("library_sha256") != run["library"].get("library_sha256"):
