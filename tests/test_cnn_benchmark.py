@@ -168,9 +168,16 @@ def test_a_foreign_row_store_is_left_alone(tmp_path):
     (tmp_path / "phi").mkdir()
     for name in ("class__mini__0.npy", "class__retrain__0.npy", "mine.npy", "class__mini__1.npy"):
         np.save(tmp_path / "phi" / name, np.zeros(2))
+    (tmp_path / "table.md").write_text("the report of those rows")
     P.discard_earlier(tmp_path)
     assert sorted(p.name for p in (tmp_path / "phi").iterdir()) == ["class__mini__1.npy", "mine.npy"]
-    assert not (tmp_path / "results.jsonl").exists()
+    assert not (tmp_path / "results.jsonl").exists() and not (tmp_path / "table.md").exists()
+    # a table.md with no rows beside it is someone else's: neither a run nor --fresh replaces it
+    (tmp_path / "table.md").write_text("my table")
+    for fresh in (False, True):
+        with pytest.raises(ValueError, match="did not write them"):
+            P.run_protocol(cfg, fresh=fresh, log=lambda m: None)
+    assert (tmp_path / "table.md").read_text() == "my table"
 
 
 @pytest.mark.slow

@@ -254,21 +254,31 @@ _ROW_KEYS = {"results.jsonl": {"method", "request", "seed"}, "tuning.jsonl": {"m
 
 
 def _check_ours(out: Path) -> None:
+    """Raise unless what ``out`` holds of this benchmark's files is this benchmark's: its row
+    stores hold its rows, and report files stand only beside the rows they were written from."""
+    from .protocol_report import REPORT_FILES
+
     for name, need in _ROW_KEYS.items():
         check_row_store(out / name, lambda row, need=need: need <= set(row), "this benchmark's row store")
+    if not (out / "results.jsonl").exists() and (found := [n for n in REPORT_FILES if (out / n).exists()]):
+        raise ValueError(f"{out} holds {', '.join(found)} but no results.jsonl: this benchmark did not write them, "
+                         "and its report would replace them; they are left as they are: choose another output "
+                         "directory")
 
 
 def discard_earlier(out: Path) -> None:
-    """What ``--fresh`` deletes: the row stores of ``out`` (checked to be this benchmark's) and
-    the confidence files its rows name (``phi/{request}__{method or retrain}__{seed}.npy``);
-    any other file is left alone."""
+    """What ``--fresh`` deletes: the row stores of ``out`` and the report written from them
+    (checked to be this benchmark's) and the confidence files its rows name
+    (``phi/{request}__{method or retrain}__{seed}.npy``); any other file is left alone."""
+    from .protocol_report import REPORT_FILES
+
     _check_ours(out)
     names = set()
     for r in read_rows(out / "results.jsonl"):
         names |= {f"{r['request']}__{m}__{r['seed']}.npy" for m in (r["method"], "retrain")}
     for name in names:
         (out / "phi" / name).unlink(missing_ok=True)
-    for name in ("results.jsonl", "tuning.jsonl", "runs.jsonl"):
+    for name in (*REPORT_FILES, *_ROW_KEYS):
         (out / name).unlink(missing_ok=True)
 
 

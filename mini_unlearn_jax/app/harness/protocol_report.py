@@ -114,6 +114,10 @@ def _table(summary: list[dict], request: str, methods: list[str]) -> list[str]:
     return lines + [""]
 
 
+#: What :func:`write_report` writes into the output directory.
+REPORT_FILES = ("table.md", "summary.json", "gap_vs_time.png")
+
+
 def write_report(cfg, rows: list[dict], tuning: list[dict], runs: list[dict], out: Path, *, command: str = "") -> None:
     """Write ``table.md``, ``summary.json`` and ``gap_vs_time.png`` into ``out``; ``runs`` are the
     invocations that produced the rows (``runs.jsonl``: command, seconds, machine)."""
@@ -149,9 +153,10 @@ def write_report(cfg, rows: list[dict], tuning: list[dict], runs: list[dict], ou
                                                            if kv[0][1] in methods else 99)):
         best = min(ts, key=lambda t: t["score"])
         tune.append(f"| {q} | `{m}` | {len(ts)} | {_fmt_options(best['options'])} | {best['score']:.4f} |")
-    (out / "table.md").write_text("\n".join(head + body + tune) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
-    _plot(summary, cfg, out / "gap_vs_time.png")
+    table, summary_json, plot = (out / name for name in REPORT_FILES)
+    table.write_text("\n".join(head + body + tune) + "\n")
+    summary_json.write_text(json.dumps(summary, indent=1, default=float))
+    _plot(summary, cfg, plot)
 
 
 def _plot(summary: list[dict], cfg, path: Path) -> None:
